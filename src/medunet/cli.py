@@ -1,0 +1,207 @@
+"""The ``medunet`` command line: parses arguments, calls the library, prints. No logic here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from medunet.errors import InputError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="medunet: plan, train, predict and evaluate U-Nets for medical image segmentation.",
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def _parse_value(text: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    if "," in text:
+        return [_parse_value(t) for t in text.split(",")]
+    return text
+
+
+def parse_overrides(items: list[str] | None, files: list[Path] | None = None) -> dict:
+    """``--set key=value`` pairs (values as JSON, or comma lists) and JSON files, merged."""
+    result: dict = {}
+    for f in files or []:
+        if not f.is_file():
+            raise InputError("override file not found", f)
+        try:
+            data = json.loads(f.read_text())
+        except json.JSONDecodeError as exc:
+            raise InputError(f"invalid JSON ({exc})", f) from exc
+        result.update(_flatten(data))
+    for item in items or []:
+        if "=" not in item:
+            raise InputError(f"cannot read --set '{item}'", fix="write it as key=value, e.g. patch_size=256,256")
+        key, value = item.split("=", 1)
+        result[key.strip()] = _parse_value(value.strip())
+    return result
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k in ("training", "inference", "network"):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+@app.command()
+def plan(
+    data: Path = typer.Argument(..., help="dataset folder (nnU-Net v2 raw layout or images/ + masks/)"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="override a plan field: key=value"),
+    preset: str = typer.Option("default", help="network preset: default, classic, large"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="also write plan.json here"),
+) -> None:
+    """Check a dataset and show the plan (patch, batch, network, normalisation) with reasons."""
+    from rich.table import Table
+
+    from medunet.training.trainer import prepare_plan
+
+    dataset, p = prepare_plan(data, preset, parse_overrides(set_))
+    table = Table(title=f"plan for {dataset.name} ({len(dataset.train)} training cases)")
+    table.add_column("field")
+    table.add_column("value")
+    table.add_column("why")
+    rows = [
+        ("dim", p.dim, p.reasons.get("dim", "")),
+        ("channels", ", ".join(p.channel_names), ""),
+        ("labels", ", ".join(f"{v}={n}" for v, n in zip(p.label_values, p.label_names, strict=True)), ""),
+        ("median shape", p.median_shape, ""),
+        ("spacing", p.spacing, p.reasons.get("spacing", "")),
+        ("patch_size", p.patch_size, p.reasons.get("patch_size", "")),
+        ("batch_size", p.batch_size, p.reasons.get("batch_size", "")),
+        ("network", f"{p.network['preset']} {p.network['features']}", p.reasons.get("network", "")),
+        ("normalization", ", ".join(n["scheme"] for n in p.normalization), p.reasons.get("normalization", "")),
+        ("training", f"{p.training['loss']}, lr {p.training['lr']}", p.reasons.get("training", "")),
+    ]
+    for name, value, why in rows:
+        table.add_row(name, str(value), why)
+    out.print(table)
+    if output:
+        path = p.save(output / "plan.json" if output.suffix != ".json" else output)
+        out.print(f"wrote {path}")
+
+
+@app.command()
+def train(
+    data: Path = typer.Argument(..., help="dataset folder"),
+    output: Path = typer.Option(..., "--output", "-o", help="model directory to write"),
+    epochs: Optional[int] = typer.Option(None, help="number of epochs (default from the plan)"),
+    time_budget: Optional[str] = typer.Option(None, help="wall-clock budget: 90s, 30m, 1h"),
+    resume: bool = typer.Option(False, help="continue (or extend) the run in the model directory"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
+    precision: str = typer.Option("auto", help="auto, fp32, bf16, fp16"),
+    seed: int = typer.Option(0, help="random seed (split, sampling, augmentation)"),
+    preset: str = typer.Option("default", help="network preset: default, classic, large"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="override a plan field: key=value"),
+    plan_file: Optional[list[Path]] = typer.Option(None, "--plan", help="JSON file of plan overrides"),
+    quiet: bool = typer.Option(False, help="no progress display"),
+) -> None:
+    """Train a U-Net on DATA and write a self-describing model directory."""
+    from medunet.training import train as run_train
+
+    result = run_train(data, output, epochs=epochs, time_budget=time_budget, resume=resume,
+                       device=device, precision=precision, seed=seed, preset=preset,
+                       overrides=parse_overrides(set_, plan_file), progress=not quiet)
+    out.print(f"best validation Dice {result.best_dice:.4f} after {result.epochs} epochs "
+              f"({result.iterations} steps, {result.seconds:.0f}s); model in {result.model_dir}")
+
+
+@app.command()
+def predict(
+    model: Path = typer.Argument(..., help="model directory written by 'medunet train'"),
+    inputs: Path = typer.Argument(..., help="an image file or a folder of images"),
+    output: Path = typer.Option(..., "--output", "-o", help="folder for the label maps"),
+    save_probabilities: bool = typer.Option(False, help="also write {case}.npz with class probabilities"),
+    checkpoint: str = typer.Option("best", help="best or last"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
+    precision: str = typer.Option("auto", help="auto, fp32, bf16, fp16"),
+    quiet: bool = typer.Option(False, help="no progress display"),
+) -> None:
+    """Segment images with a trained model (sliding window, Gaussian-weighted)."""
+    import time
+
+    from medunet.inference import Predictor
+
+    predictor = Predictor.load(model, checkpoint=checkpoint, device=device, precision=precision)
+    t0 = time.perf_counter()
+    written = predictor.predict(inputs, output, save_probabilities=save_probabilities, progress=not quiet)
+    dt = time.perf_counter() - t0
+    out.print(f"wrote {len(written)} label map(s) to {output} ({dt / max(1, len(written)):.2f}s per case)")
+
+
+@app.command()
+def evaluate(
+    pred: Path = typer.Argument(..., help="folder (or file) of predicted label maps"),
+    gt: Path = typer.Argument(..., help="folder (or file) of ground-truth label maps"),
+    mask: Optional[Path] = typer.Option(None, help="folder of region masks: score only inside them"),
+    probs: Optional[Path] = typer.Option(None, help="folder of {case}.npz probabilities (ROC/PR-AUC)"),
+    labels: Optional[str] = typer.Option(None, help="label values to score, e.g. 1,2 (default: all)"),
+    tolerance: float = typer.Option(1.0, help="surface Dice tolerance in mm"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write all results as JSON"),
+    csv_path: Optional[Path] = typer.Option(None, "--csv", help="write the per-case table as CSV"),
+    report: Optional[Path] = typer.Option(None, help="write a self-contained HTML report"),
+    model: Optional[Path] = typer.Option(None, help="model directory: add its training curves to the report"),
+    images: Optional[Path] = typer.Option(None, help="image folder: draw overlays in the report"),
+    workers: Optional[int] = typer.Option(None, help="processes over cases"),
+) -> None:
+    """Score predictions against ground truth: Dice, IoU, distances; per case, mean and pooled."""
+    from medunet.evaluation import evaluate as run_eval
+
+    label_list = None
+    if labels:
+        try:
+            label_list = [int(v) for v in labels.split(",")]
+        except ValueError as exc:
+            raise InputError(f"cannot read --labels '{labels}'", fix="write integers, e.g. 1,2") from exc
+    res = run_eval(pred, gt, mask=mask, probs=probs, labels=label_list, tolerance=tolerance,
+                   json_path=json_path, csv_path=csv_path, report=report, model_dir=model,
+                   images=images, workers=workers)
+    out.print(res.table())
+    for path in (json_path, csv_path, report):
+        if path:
+            out.print(f"wrote {path}")
+
+
+@app.command()
+def demo(
+    output: Path = typer.Option(Path("medunet_demo"), "--output", "-o", help="folder for data, model, results"),
+    time_budget: str = typer.Option("60s", help="training budget"),
+    seed: int = typer.Option(0, help="random seed"),
+    quiet: bool = typer.Option(False, help="no progress display"),
+) -> None:
+    """Generate a synthetic dataset, train, predict, evaluate and draw an overlay."""
+    from medunet.demo import run_demo
+
+    res = run_demo(output, time_budget=time_budget, seed=seed, progress=not quiet)
+    out.print(f"demo test Dice {res.dice:.4f}  (trained {res.seconds_train:.0f}s)")
+    out.print(f"overlay: {res.overlay}")
+
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        app()
+    except InputError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

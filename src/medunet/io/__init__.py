@@ -1,0 +1,16 @@
+"""Read and write images with their geometry.
+
+Arrays are channel-first (``(C, H, W)`` or ``(C, X, Y, Z)``); label maps are written without
+the channel axis. The geometry travels beside the array in :class:`Geometry`.
+"""
+
+from medunet.io.geometry import Geometry
+from medunet.io.image import (
+    IMAGE_SUFFIXES,
+    read_image,
+    read_label,
+    split_suffix,
+    write_image,
+)
+
+__all__ = ["Geometry", "IMAGE_SUFFIXES", "read_image", "read_label", "split_suffix", "write_image"]

@@ -1,0 +1,388 @@
+"""Format readers and writers.
+
+2D natural formats (PNG, JPG, BMP, TIFF) go through Pillow/tifffile; NIfTI through nibabel,
+which keeps the header affine exactly; NRRD/MHA/MHD through SimpleITK. Arrays keep the file's
+own axis order for NIfTI (x, y, z), so spacing, affine and shape line up without transposes;
+SimpleITK's (z, y, x) arrays are transposed to (x, y, z) for the same reason.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from medunet.errors import InputError
+from medunet.io.geometry import Geometry
+
+NATURAL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+TIFF_SUFFIXES = (".tif", ".tiff")
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + NATURAL_SUFFIXES + TIFF_SUFFIXES + ITK_SUFFIXES
+
+
+def split_suffix(path: str | Path) -> tuple[str, str]:
+    """Split a file name into stem and (possibly double) suffix.
+
+    ``a.nii.gz`` -> ``("a", ".nii.gz")``; names without a known image suffix split at the
+    last dot.
+    """
+    name = Path(path).name
+    low = name.lower()
+    for suf in IMAGE_SUFFIXES:
+        if low.endswith(suf):
+            return name[: -len(suf)], name[-len(suf) :]
+    return Path(name).stem, Path(name).suffix
+
+
+def _fmt_of(path: Path) -> str:
+    suffix = split_suffix(path)[1].lower()
+    if suffix in NIFTI_SUFFIXES:
+        return "nifti"
+    if suffix in NATURAL_SUFFIXES:
+        return "natural"
+    if suffix in TIFF_SUFFIXES:
+        return "tiff"
+    if suffix in ITK_SUFFIXES:
+        return "itk"
+    raise InputError(
+        f"unsupported file type '{suffix}'",
+        path,
+        f"use one of {', '.join(IMAGE_SUFFIXES)}",
+    )
+
+
+def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
+    """Read an image as a channel-first array and its geometry.
+
+    Returns ``(C, H, W)`` for 2D files and ``(C, X, Y, Z)`` for volumes. Raises
+    :class:`InputError` naming the file when it is missing, empty or unreadable.
+    """
+    return _read(Path(path), label=False)
+
+
+def _read(path: Path, label: bool) -> tuple[np.ndarray, Geometry]:
+    if not path.exists():
+        raise InputError("file not found", path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise InputError("file is empty (0 bytes)", path, "re-export or remove it")
+    fmt = _fmt_of(path)
+    try:
+        if fmt == "nifti":
+            arr, geom = _read_nifti(path)
+        elif fmt == "natural":
+            arr, geom = _read_natural(path, label)
+        elif fmt == "tiff":
+            arr, geom = _read_tiff(path)
+        else:
+            arr, geom = _read_itk(path)
+    except InputError:
+        raise
+    except Exception as exc:  # every library raises its own types; the user needs the file name
+        raise InputError(
+            f"cannot read image ({type(exc).__name__}: {exc})".replace("\n", " "),
+            path,
+            "check that the file is complete and in the format its name says",
+        ) from exc
+    if arr.size == 0 or 0 in arr.shape:
+        raise InputError(f"image has no pixels (shape {arr.shape})", path)
+    return arr, geom
+
+
+def read_label(path: str | Path) -> tuple[np.ndarray, Geometry]:
+    """Read a label map (no channel axis), as integers.
+
+    Label files saved as RGB/RGBA with identical channels (a common export accident) are
+    accepted; real colour labels are refused with a clear error. Palette (indexed) PNGs give
+    their palette indices, which is how such label maps store class ids. Values that do not
+    fit ``uint8`` (negative or above 255) come back as ``int64``.
+    """
+    path = Path(path)
+    arr, geom = _read(path, label=True)
+    if arr.shape[0] > 1:
+        rgb = arr[:3]
+        if not all(np.array_equal(rgb[0], c) for c in rgb[1:]):
+            raise InputError(
+                f"label map has {arr.shape[0]} different colour channels",
+                path,
+                "save labels as a single-channel image of integer class values",
+            )
+    lab = arr[0]
+    if np.issubdtype(lab.dtype, np.floating) and (
+        not np.all(np.isfinite(lab)) or not np.array_equal(lab, np.round(lab))
+    ):
+        raise InputError(
+            "label map has non-integer values", path, "labels must be integer class ids"
+        )
+    small = lab.min(initial=0) >= 0 and lab.max(initial=0) <= 255
+    return lab.astype(np.uint8 if small else np.int64), geom
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    data = np.asanyarray(img.dataobj)
+    affine = np.asarray(img.affine, dtype=float)
+    zooms = tuple(float(z) for z in img.header.get_zooms())
+    file_ndim = data.ndim
+    if data.ndim == 2:
+        data = data[..., None]
+    if data.ndim == 3:
+        arr = data[None]
+    elif data.ndim == 4:  # 4D NIfTI: the last axis holds channels (e.g. modalities)
+        arr = np.moveaxis(data, -1, 0)
+    else:
+        raise InputError(f"NIfTI with {data.ndim} dimensions is not supported", path)
+    nsp = 3
+    spacing = zooms[:nsp]
+    spacing = spacing + (1.0,) * (nsp - len(spacing))
+    rot = affine[:3, :3]
+    norms = np.linalg.norm(rot, axis=0)
+    norms[norms == 0] = 1.0
+    geom = Geometry(
+        spacing=spacing,
+        origin=tuple(affine[:3, 3]),
+        direction=tuple((rot / norms).ravel()),
+        affine=tuple(affine.ravel()),
+        fmt="nifti",
+        extra={
+            "suffix": split_suffix(path)[1].lower(),
+            "spatial_ndim": min(file_ndim, 3),
+            "nifti": _nifti_geometry_fields(img.header),
+        },
+    )
+    return np.ascontiguousarray(arr), geom
+
+
+# Header fields that define a NIfTI file's placement. They are kept verbatim (as JSON-friendly
+# numbers) so a written label reproduces the input's affine bit for bit, whether it came from
+# the sform or the qform (re-deriving the quaternion from a float64 affine does not).
+_NIFTI_FIELDS = ("qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d",
+                 "qoffset_x", "qoffset_y", "qoffset_z", "srow_x", "srow_y", "srow_z", "xyzt_units")
+
+
+def _nifti_geometry_fields(header) -> dict:
+    fields = {k: np.asarray(header[k]).tolist() for k in _NIFTI_FIELDS}
+    fields["pixdim"] = np.asarray(header["pixdim"][:4]).tolist()  # qfac + 3 spatial zooms
+    return fields
+
+
+def _read_natural(path: Path, label: bool = False) -> tuple[np.ndarray, Geometry]:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        mode = im.mode
+        if mode in ("P", "PA") and label:  # indexed label maps store class ids as indices
+            arr = np.asarray(im)
+            return _hw_to_chw(arr[..., 0] if arr.ndim == 3 else arr), Geometry.identity(
+                2, fmt="natural"
+            )
+        if mode in ("P", "PA"):
+            im = im.convert("RGBA" if "transparency" in im.info or mode == "PA" else "RGB")
+        elif mode in ("LA",):
+            im = im.convert("L")
+        elif mode == "CMYK":
+            im = im.convert("RGB")
+        arr = np.asarray(im)
+    return _hw_to_chw(arr), Geometry.identity(2, fmt="natural")
+
+
+def _read_tiff(path: Path) -> tuple[np.ndarray, Geometry]:
+    import tifffile
+
+    arr = tifffile.imread(str(path))
+    if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4)):
+        return _hw_to_chw(arr), Geometry.identity(2, fmt="tiff")
+    if arr.ndim == 3:  # a grey stack: treat pages as the first spatial axis
+        return arr[None], Geometry.identity(3, fmt="tiff")
+    raise InputError(f"TIFF with shape {arr.shape} is not supported", path)
+
+
+def _hw_to_chw(arr: np.ndarray) -> np.ndarray:
+    if arr.ndim == 2:
+        return np.ascontiguousarray(arr[None])
+    if arr.shape[-1] == 4:  # drop alpha: it carries no image content for segmentation
+        arr = arr[..., :3]
+    return np.ascontiguousarray(np.moveaxis(arr, -1, 0))
+
+
+def _read_itk(path: Path) -> tuple[np.ndarray, Geometry]:
+    import SimpleITK as sitk
+
+    img = sitk.ReadImage(str(path))
+    arr = sitk.GetArrayFromImage(img)  # (z, y, x[, c])
+    nd = img.GetDimension()
+    arr = np.moveaxis(arr, -1, 0) if img.GetNumberOfComponentsPerPixel() > 1 else arr[None]
+    arr = np.ascontiguousarray(np.moveaxis(arr, list(range(1, nd + 1)), list(range(nd, 0, -1))))
+    geom = Geometry(
+        spacing=img.GetSpacing(),
+        origin=img.GetOrigin(),
+        direction=img.GetDirection(),
+        fmt="itk",
+        extra={"suffix": split_suffix(path)[1].lower()},
+    )
+    return arr, geom
+
+
+def write_image(path: str | Path, array: np.ndarray, geometry: Geometry | None = None) -> Path:
+    """Write an array (spatial, or channel-first) atomically, in the format its suffix names.
+
+    For NIfTI the source header's placement (sform, qform and their codes) is written back
+    verbatim when ``geometry`` came from a NIfTI file, so the file overlays its source exactly
+    (same affine, same shape). Integer arrays are stored in the smallest fitting integer type.
+    The file appears under its final name only once it is complete: it is written into a
+    hidden temporary folder beside the target (detached headers such as ``.mhd`` keep their
+    data file next to them) and renamed into place; nothing is left behind on failure.
+    """
+    path = Path(path)
+    suffix = split_suffix(path)[1].lower()
+    if suffix not in IMAGE_SUFFIXES:
+        raise InputError(
+            f"cannot write format '{suffix}'", path, f"use one of {', '.join(IMAGE_SUFFIXES)}"
+        )
+    array = np.asarray(array)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{split_suffix(path)[0]}.", suffix=".tmp",
+                                        dir=path.parent))
+    except OSError as exc:
+        raise InputError(f"cannot write here ({exc.strerror or exc})", path) from exc
+    try:
+        tmp = tmp_dir / path.name
+        try:
+            if suffix in NIFTI_SUFFIXES:
+                _write_nifti(tmp, array, geometry)
+            elif suffix in NATURAL_SUFFIXES or suffix in TIFF_SUFFIXES:
+                _write_2d(tmp, array, suffix, geometry, path)
+            else:
+                _write_itk(tmp, array, geometry, path)
+        except InputError:
+            raise
+        except Exception as exc:  # the user needs the file name, not a library traceback
+            raise InputError(
+                f"cannot write image ({type(exc).__name__}: {exc})".replace("\n", " "), path
+            ) from exc
+        # data files first, the file the user named last: it appears only when all is there
+        for f in sorted(tmp_dir.iterdir(), key=lambda q: q.name == path.name):
+            os.replace(f, path.parent / f.name)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return path
+
+
+def _smallest_int(data: np.ndarray) -> np.ndarray:
+    """Integer/bool arrays in the smallest standard type that holds them (NIfTI has no int64)."""
+    if data.dtype == bool:
+        return data.astype(np.uint8)
+    if not np.issubdtype(data.dtype, np.integer) or data.dtype.itemsize <= 2:
+        return data
+    lo, hi = int(data.min(initial=0)), int(data.max(initial=0))
+    for t in (np.uint8, np.int16, np.int32):
+        if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max:
+            return data.astype(t)
+    return data.astype(np.int64)
+
+
+def _write_nifti(tmp: Path, array: np.ndarray, geometry: Geometry | None) -> None:
+    import nibabel as nib
+
+    data = array
+    extra = geometry.extra if geometry is not None else {}
+    if data.ndim == 4:  # channel-first -> channels last, as NIfTI stores them
+        data = data[0] if data.shape[0] == 1 else np.moveaxis(data, 0, -1)
+    if extra.get("spatial_ndim") == 2 and data.ndim == 3 and data.shape[-1] == 1:
+        data = data[..., 0]  # the source was a 2D NIfTI: give back its (X, Y) shape
+    data = _smallest_int(np.ascontiguousarray(data))
+    affine = geometry.affine_matrix if geometry is not None else np.eye(4)
+    if affine.shape != (4, 4):  # a 2D geometry: embed it in a 3D affine
+        full = np.eye(4)
+        n = affine.shape[0] - 1
+        full[:n, :n] = affine[:n, :n]
+        full[:n, 3] = affine[:n, n]
+        affine = full
+    header = nib.Nifti1Header()
+    header.set_data_dtype(data.dtype)
+    fields = extra.get("nifti")
+    if fields:
+        for key, value in fields.items():
+            if key == "pixdim":
+                header["pixdim"][: len(value)] = value
+            else:
+                header[key] = value
+        if not np.array_equal(header.get_best_affine(), affine):
+            fields = None  # the geometry was changed after reading: its affine wins
+    if not fields:
+        header.set_qform(affine, code=1)
+        header.set_sform(affine, code=1)
+    img = nib.Nifti1Image(data, header.get_best_affine(), header=header)
+    nib.save(img, str(tmp))
+
+
+def _write_2d(tmp: Path, array: np.ndarray, suffix: str, geometry: Geometry | None,
+              path: Path) -> None:
+    from PIL import Image
+
+    arr = array
+    if suffix in TIFF_SUFFIXES and geometry is not None and geometry.ndim == 3:
+        # a 3D stack (pages along the first spatial axis), as the TIFF reader returns it
+        if arr.ndim == 4 and arr.shape[0] == 1:
+            arr = arr[0]
+        if arr.ndim != 3:
+            raise InputError(f"cannot write an array of shape {array.shape} as a TIFF stack", path)
+        import tifffile
+
+        tifffile.imwrite(str(tmp), np.ascontiguousarray(_smallest_int(arr)))
+        return
+    if arr.ndim == 3:
+        arr = arr[0] if arr.shape[0] == 1 else np.moveaxis(arr, 0, -1)
+    if (arr.ndim == 3 and arr.shape[-1] not in (3, 4)) or arr.ndim not in (2, 3):
+        raise InputError(f"cannot write an array of shape {array.shape} as a 2D image", path)
+    if suffix in TIFF_SUFFIXES:
+        import tifffile
+
+        tifffile.imwrite(str(tmp), np.ascontiguousarray(_smallest_int(arr)))
+        return
+    if arr.dtype != np.uint8:
+        lo, hi = arr.min(initial=0), arr.max(initial=0)
+        if lo < 0 or hi > 255:
+            if suffix != ".png" or arr.ndim != 2 or lo < 0 or hi > 65535:
+                raise InputError(
+                    f"values {lo}..{hi} cannot be written as {suffix}",
+                    path,
+                    "use 0..255 (or 0..65535 for a single-channel PNG), or write .tif/.nii.gz",
+                )
+            arr = arr.astype(np.uint16)
+        else:
+            arr = arr.astype(np.uint8)
+    fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP"}[suffix]
+    Image.fromarray(np.ascontiguousarray(arr)).save(tmp, format=fmt)
+
+
+def _write_itk(tmp: Path, array: np.ndarray, geometry: Geometry | None, path: Path) -> None:
+    import SimpleITK as sitk
+
+    nd = geometry.ndim if geometry is not None else (array.ndim - 1 if array.ndim == 4 else
+                                                     array.ndim)
+    if array.ndim == nd + 1:  # channel-first
+        channels = array.shape[0]
+        data = array[0] if channels == 1 else np.moveaxis(array, 0, -1)
+    elif array.ndim == nd:
+        channels, data = 1, array
+    else:
+        raise InputError(f"array of shape {array.shape} does not fit a {nd}D geometry", path)
+    data = _smallest_int(data)
+    # (x, y, z[, c]) -> SimpleITK's (z, y, x[, c])
+    order = list(range(nd))[::-1] + ([nd] if channels > 1 else [])
+    img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(data, order)),
+                                 isVector=channels > 1)
+    if geometry is not None:
+        img.SetSpacing(geometry.spacing)
+        img.SetOrigin(geometry.origin)
+        img.SetDirection(geometry.direction)
+    sitk.WriteImage(img, str(tmp), useCompression=True)

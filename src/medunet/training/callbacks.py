@@ -1,0 +1,73 @@
+"""Small helpers the training loop calls: CSV log, checkpoints, live display."""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class CsvLog:
+    """Appends one row per epoch to ``log.csv`` (the header is written once)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, row: dict) -> None:
+        new = not self.path.exists()
+        with self.path.open("a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    """``torch.save`` to a temporary file, then rename: a kill never leaves a broken file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".pt", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class LiveDisplay:
+    """A rich progress bar with loss, Dice and ETA, plus one printed line per epoch."""
+
+    def __init__(self, total: float, unit: str, enabled: bool = True) -> None:
+        self.console = Console(stderr=True)
+        self.enabled = enabled
+        self.progress = Progress(
+            TextColumn("[bold]epoch {task.fields[epoch]}"),
+            BarColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}  val Dice {task.fields[dice]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=not enabled,
+            transient=False,
+        )
+        self.task = self.progress.add_task(unit, total=total, epoch=0, loss=float("nan"), dice="-")
+
+    def __enter__(self) -> LiveDisplay:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def update(self, completed: float, **fields) -> None:
+        self.progress.update(self.task, completed=completed, **fields)
+
+    def epoch_line(self, text: str) -> None:
+        if self.enabled:
+            self.progress.console.print(text)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -45,7 +44,8 @@ def parse_overrides(items: list[str] | None, files: list[Path] | None = None) ->
         result.update(_flatten(data))
     for item in items or []:
         if "=" not in item:
-            raise InputError(f"cannot read --set '{item}'", fix="write it as key=value, e.g. patch_size=256,256")
+            raise InputError(f"cannot read --set '{item}'",
+                             fix="write it as key=value, e.g. patch_size=256,256")
         key, value = item.split("=", 1)
         result[key.strip()] = _parse_value(value.strip())
     return result
@@ -64,9 +64,9 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 @app.command()
 def plan(
     data: Path = typer.Argument(..., help="dataset folder (nnU-Net v2 raw layout or images/ + masks/)"),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="override a plan field: key=value"),
+    set_: list[str] | None = typer.Option(None, "--set", help="override a plan field: key=value"),
     preset: str = typer.Option("default", help="network preset: default, classic, large"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="also write plan.json here"),
+    output: Path | None = typer.Option(None, "--output", "-o", help="also write plan.json here"),
 ) -> None:
     """Check a dataset and show the plan (patch, batch, network, normalisation) with reasons."""
     from rich.table import Table
@@ -87,7 +87,8 @@ def plan(
         ("patch_size", p.patch_size, p.reasons.get("patch_size", "")),
         ("batch_size", p.batch_size, p.reasons.get("batch_size", "")),
         ("network", f"{p.network['preset']} {p.network['features']}", p.reasons.get("network", "")),
-        ("normalization", ", ".join(n["scheme"] for n in p.normalization), p.reasons.get("normalization", "")),
+        ("normalization", ", ".join(n["scheme"] for n in p.normalization),
+         p.reasons.get("normalization", "")),
         ("training", f"{p.training['loss']}, lr {p.training['lr']}", p.reasons.get("training", "")),
     ]
     for name, value, why in rows:
@@ -102,15 +103,15 @@ def plan(
 def train(
     data: Path = typer.Argument(..., help="dataset folder"),
     output: Path = typer.Option(..., "--output", "-o", help="model directory to write"),
-    epochs: Optional[int] = typer.Option(None, help="number of epochs (default from the plan)"),
-    time_budget: Optional[str] = typer.Option(None, help="wall-clock budget: 90s, 30m, 1h"),
+    epochs: int | None = typer.Option(None, help="number of epochs (default from the plan)"),
+    time_budget: str | None = typer.Option(None, help="wall-clock budget: 90s, 30m, 1h"),
     resume: bool = typer.Option(False, help="continue (or extend) the run in the model directory"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
     precision: str = typer.Option("auto", help="auto, fp32, bf16, fp16"),
     seed: int = typer.Option(0, help="random seed (split, sampling, augmentation)"),
     preset: str = typer.Option("default", help="network preset: default, classic, large"),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="override a plan field: key=value"),
-    plan_file: Optional[list[Path]] = typer.Option(None, "--plan", help="JSON file of plan overrides"),
+    set_: list[str] | None = typer.Option(None, "--set", help="override a plan field: key=value"),
+    plan_file: list[Path] | None = typer.Option(None, "--plan", help="JSON file of plan overrides"),
     quiet: bool = typer.Option(False, help="no progress display"),
 ) -> None:
     """Train a U-Net on DATA and write a self-describing model directory."""
@@ -150,16 +151,16 @@ def predict(
 def evaluate(
     pred: Path = typer.Argument(..., help="folder (or file) of predicted label maps"),
     gt: Path = typer.Argument(..., help="folder (or file) of ground-truth label maps"),
-    mask: Optional[Path] = typer.Option(None, help="folder of region masks: score only inside them"),
-    probs: Optional[Path] = typer.Option(None, help="folder of {case}.npz probabilities (ROC/PR-AUC)"),
-    labels: Optional[str] = typer.Option(None, help="label values to score, e.g. 1,2 (default: all)"),
+    mask: Path | None = typer.Option(None, help="folder of region masks: score only inside them"),
+    probs: Path | None = typer.Option(None, help="folder of {case}.npz probabilities (ROC/PR-AUC)"),
+    labels: str | None = typer.Option(None, help="label values to score, e.g. 1,2 (default: all)"),
     tolerance: float = typer.Option(1.0, help="surface Dice tolerance in mm"),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="write all results as JSON"),
-    csv_path: Optional[Path] = typer.Option(None, "--csv", help="write the per-case table as CSV"),
-    report: Optional[Path] = typer.Option(None, help="write a self-contained HTML report"),
-    model: Optional[Path] = typer.Option(None, help="model directory: add its training curves to the report"),
-    images: Optional[Path] = typer.Option(None, help="image folder: draw overlays in the report"),
-    workers: Optional[int] = typer.Option(None, help="processes over cases"),
+    json_path: Path | None = typer.Option(None, "--json", help="write all results as JSON"),
+    csv_path: Path | None = typer.Option(None, "--csv", help="write the per-case table as CSV"),
+    report: Path | None = typer.Option(None, help="write a self-contained HTML report"),
+    model: Path | None = typer.Option(None, help="model directory: add its training curves to the report"),
+    images: Path | None = typer.Option(None, help="image folder: draw overlays in the report"),
+    workers: int | None = typer.Option(None, help="processes over cases"),
 ) -> None:
     """Score predictions against ground truth: Dice, IoU, distances; per case, mean and pooled."""
     from medunet.evaluation import evaluate as run_eval
@@ -181,7 +182,8 @@ def evaluate(
 
 @app.command()
 def demo(
-    output: Path = typer.Option(Path("medunet_demo"), "--output", "-o", help="folder for data, model, results"),
+    output: Path = typer.Option(Path("medunet_demo"), "--output", "-o",
+                                help="folder for data, model, results"),
     time_budget: str = typer.Option("60s", help="training budget"),
     seed: int = typer.Option(0, help="random seed"),
     quiet: bool = typer.Option(False, help="no progress display"),

@@ -392,6 +392,13 @@ def validate_dataset(
     ndim = n_ch = None
     for c in cases:
         image, raw, geom = load_case(c, None)
+        if dataset.layout == "nnunet" and image.shape[0] != dataset.num_channels:
+            raise InputError(
+                f"image has {image.shape[0]} channel(s) but dataset.json declares "
+                f"{dataset.num_channels} ({', '.join(dataset.channel_names)})",
+                c.image_paths[0],
+                "fix channel_names in dataset.json or the image files",
+            )
         if ndim is None:
             ndim, n_ch = image.ndim - 1, image.shape[0]
         elif image.ndim - 1 != ndim:
@@ -404,13 +411,6 @@ def validate_dataset(
             raise InputError(
                 f"image has {image.shape[0]} channels, earlier cases have {n_ch}",
                 c.image_paths[0],
-            )
-        if dataset.layout == "nnunet" and image.shape[0] != dataset.num_channels:
-            raise InputError(
-                f"image has {image.shape[0]} channel(s) but dataset.json declares "
-                f"{dataset.num_channels} ({', '.join(dataset.channel_names)})",
-                c.image_paths[0],
-                "fix channel_names in dataset.json or the image files",
             )
         values: list[int] = []
         if raw is not None:

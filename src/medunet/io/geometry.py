@@ -13,9 +13,12 @@ class Geometry:
 
     ``spacing``/``origin`` have one entry per spatial axis (in array-axis order), and
     ``direction`` is the row-major ``ndim x ndim`` matrix whose columns are the axis
-    directions. For NIfTI the original 4x4 ``affine`` is kept verbatim so a written
-    prediction carries exactly the input's header geometry; ``fmt`` remembers the source
-    format so outputs can be written in kind.
+    directions. Origin and direction are in the source format's world frame: RAS for NIfTI
+    (as its affine), LPS for NRRD/MHA (as ITK); the writers convert between the two when a
+    NIfTI-sourced geometry is written as NRRD/MHA or the reverse. For NIfTI the original
+    4x4 ``affine`` (and, in ``extra["nifti"]``, the header's sform/qform fields) is kept
+    verbatim so a written prediction carries exactly the input's header geometry; ``fmt``
+    remembers the source format so outputs can be written in kind.
     """
 
     spacing: tuple[float, ...]

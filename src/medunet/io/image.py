@@ -166,6 +166,11 @@ _NIFTI_FIELDS = ("qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_
                  "qoffset_x", "qoffset_y", "qoffset_z", "srow_x", "srow_y", "srow_z", "xyzt_units")
 
 
+# NIfTI's world axes point to the patient's right-anterior-superior (RAS); ITK's and DICOM's to
+# left-posterior-superior (LPS): the first two world axes flip between them.
+_LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
 def _nifti_geometry_fields(header) -> dict:
     fields = {k: np.asarray(header[k]).tolist() for k in _NIFTI_FIELDS}
     fields["pixdim"] = np.asarray(header["pixdim"][:4]).tolist()  # qfac + 3 spatial zooms
@@ -306,6 +311,8 @@ def _write_nifti(tmp: Path, array: np.ndarray, geometry: Geometry | None) -> Non
         full[:n, :n] = affine[:n, :n]
         full[:n, 3] = affine[:n, n]
         affine = full
+    elif geometry is not None and geometry.fmt == "itk" and geometry.affine is None:
+        affine = _LPS_RAS @ affine  # ITK world (LPS) -> NIfTI world (RAS)
     header = nib.Nifti1Header()
     header.set_data_dtype(data.dtype)
     fields = extra.get("nifti")
@@ -382,7 +389,10 @@ def _write_itk(tmp: Path, array: np.ndarray, geometry: Geometry | None, path: Pa
     img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(data, order)),
                                  isVector=channels > 1)
     if geometry is not None:
+        origin, direction = np.asarray(geometry.origin), np.reshape(geometry.direction, (nd, nd))
+        if geometry.fmt == "nifti" and nd == 3:  # NIfTI world (RAS) -> ITK world (LPS)
+            origin, direction = _LPS_RAS[:3, :3] @ origin, _LPS_RAS[:3, :3] @ direction
         img.SetSpacing(geometry.spacing)
-        img.SetOrigin(geometry.origin)
-        img.SetDirection(geometry.direction)
+        img.SetOrigin(tuple(origin.tolist()))
+        img.SetDirection(tuple(direction.ravel().tolist()))
     sitk.WriteImage(img, str(tmp), useCompression=True)

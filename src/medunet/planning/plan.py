@@ -92,7 +92,8 @@ class Plan:
             parts = key.split(".")
             for p in parts[:-1]:
                 if p not in target or not isinstance(target[p], dict):
-                    raise InputError(f"unknown plan field '{key}'", fix="see 'medunet plan DATA' for the fields")
+                    raise InputError(f"unknown plan field '{key}'",
+                                     fix="see 'medunet plan DATA' for the fields")
                 target = target[p]
             if parts[-1] not in target and len(parts) == 1:
                 raise InputError(f"unknown plan field '{key}'", fix="see 'medunet plan DATA' for the fields")
@@ -184,11 +185,14 @@ def _patch_and_strides(median_shape: list[int], spacing: list[float], dim: int,
         strides.append(s)
         size = size // np.array(s)
     div = np.prod(np.array(strides), axis=0) if strides else np.ones(dim, int)
-    # round to the network's divisor: up when the image is larger, so no context is wasted
+    # round to the network's divisor: an axis that holds the whole image rounds up (padding a
+    # few voxels beats a second window); a shrunk axis rounds down to stay within the budget
     rounded = []
     for n, d, full in zip(patch, div, shape, strict=True):
-        up = int(math.ceil(n / d) * d)
-        rounded.append(up if up <= max(full, n) else int(max(d, (n // d) * d)))
+        if n >= full:
+            rounded.append(int(math.ceil(n / d) * d))
+        else:
+            rounded.append(int(max(d, (n // d) * d)))
     return rounded, strides
 
 
@@ -228,9 +232,10 @@ def make_plan(dataset: Dataset, fingerprint: dict, preset: str = "default") -> P
             if np.prod(fingerprint["median_shape"]) <= MAX_PATCH_VOXELS[dim]
             else f"median image {fingerprint['median_shape']} shrunk (longest physical axis first) "
             f"to at most {MAX_PATCH_VOXELS[dim]} voxels for CPU speed"
-        ) + f", rounded to multiples of the down-sampling factor",
+        ) + ", rounded to multiples of the down-sampling factor",
         "batch_size": f"{VOXELS_PER_STEP[dim]} voxels per step / patch voxels, within [2, {MAX_BATCH}]",
-        "network": f"preset '{preset}'; {len(strides)} down-samplings, an axis pools while its edge stays >= 4",
+        "network": f"preset '{preset}'; {len(strides)} down-samplings, "
+        "an axis pools while its edge stays >= 4",
         "normalization": norm_why,
         "training": f"Dice+CE, AdamW with cosine decay; 1/3 of patches centred on foreground "
         f"(foreground is {100 * fg_fraction:.1f}% of voxels)",

@@ -26,6 +26,24 @@ class CsvLog:
                 w.writeheader()
             w.writerow(row)
 
+    def truncate_after(self, epoch: int) -> None:
+        """Drop rows past ``epoch``: a run killed after logging but before its checkpoint
+        repeats that epoch on resume, and its row must not appear twice."""
+        if not self.path.exists():
+            return
+        with self.path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        keep = [r for r in rows if int(r["epoch"]) <= epoch]
+        if len(keep) == len(rows):
+            return
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with tmp.open("w", newline="") as f:
+            if rows:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(keep)
+        os.replace(tmp, self.path)
+
 
 def save_checkpoint(state: dict, path: Path) -> None:
     """``torch.save`` to a temporary file, then rename: a kill never leaves a broken file."""

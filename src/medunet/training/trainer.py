@@ -356,6 +356,7 @@ def train(data: str | Path, model_dir: str | Path, *, epochs: int | None = None,
                loss_fn=build_loss(t["loss"]), sampler=sampler, aug_gen=aug_gen, val_images=val_img,
                val_labels=val_lab, device=dev, precision=prec, epochs=epochs, budget=budget,
                state=state, log=CsvLog(model_dir / "log.csv"), elapsed_at_start=state.elapsed)
+    run.log.truncate_after(state.epoch)
     total = budget if budget is not None else epochs * run.ipe
     with LiveDisplay(total, "train", enabled=progress) as display:
         display.epoch_line(

@@ -1,0 +1,157 @@
+"""Training: losses against hand-computed values, sampler, schedule, a short run, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from medunet.datasets.synthetic import make_synthetic_dataset
+from medunet.errors import InputError
+from medunet.training import DiceCELoss, parse_duration, soft_dice_loss, train
+from medunet.training.sampler import PatchSampler
+from medunet.training.schedule import cosine_with_warmup
+
+
+def test_parse_duration():
+    assert parse_duration("90s") == 90
+    assert parse_duration("30m") == 1800
+    assert parse_duration("1h") == 3600
+    assert parse_duration("1h30m") == 5400
+    assert parse_duration("45") == 45
+    for bad in ["", "abc", "10 minutes", "0s"]:
+        with pytest.raises(InputError):
+            parse_duration(bad)
+
+
+def test_soft_dice_hand_computed():
+    # two pixels, two classes; logits so large that softmax is exactly one-hot
+    logits = torch.tensor([[[[50.0, -50.0]], [[-50.0, 50.0]]]])  # pred: class 0 then class 1
+    target = torch.tensor([[[1, 1]]])  # both pixels are class 1
+    # class 1: inter 1, |p| 1, |g| 2 -> Dice 2/3 -> loss 1/3 (background excluded)
+    assert soft_dice_loss(logits, target).item() == pytest.approx(1 / 3, abs=1e-4)
+    # CE: pixel 1 has -log(softmax) ~ 100, pixel 2 ~ 0 -> mean 50
+    loss = DiceCELoss()(logits, target)
+    assert loss.item() == pytest.approx(1 / 3 + 50.0, rel=1e-3)
+
+
+def test_dice_ce_gradient_points_to_the_target():
+    logits = torch.zeros(1, 2, 4, 4, requires_grad=True)
+    target = torch.ones(1, 4, 4, dtype=torch.long)
+    DiceCELoss()(logits, target).backward()
+    # raising the target class logit lowers the loss: its gradient is negative
+    assert (logits.grad[:, 1] < 0).all() and (logits.grad[:, 0] > 0).all()
+
+
+def test_sampler_foreground_oversampling():
+    lab = np.zeros((64, 64), np.uint8)
+    lab[60:63, 2:5] = 1  # one tiny object in a corner
+    img = lab[None].astype(np.float32)
+    s = PatchSampler([img], [lab], (16, 16), batch_size=32, fg_oversample=1.0,
+                     rng=np.random.default_rng(0))
+    x, y = s.sample()
+    assert x.shape == (32, 1, 16, 16) and y.shape == (32, 16, 16)
+    assert all(y[i].any() for i in range(32))
+    np.testing.assert_array_equal(x[:, 0], y)  # image and label crops are aligned
+
+
+def test_sampler_pads_small_cases():
+    lab = np.ones((5, 7), np.uint8)
+    s = PatchSampler([lab[None].astype(np.float32)], [lab], (8, 8), 2, rng=np.random.default_rng(0))
+    x, y = s.sample()
+    assert x.shape == (2, 1, 8, 8) and y.sum() == 2 * 35
+
+
+def test_cosine_schedule():
+    assert cosine_with_warmup(0.0, 1.0, 0.0, 0.1) == pytest.approx(0.01)
+    assert cosine_with_warmup(0.05, 1.0, 0.0, 0.1) == pytest.approx(0.5)
+    assert cosine_with_warmup(0.1, 1.0, 0.0, 0.1) == pytest.approx(1.0)
+    assert cosine_with_warmup(0.55, 1.0, 0.0, 0.1) == pytest.approx(0.5)
+    assert cosine_with_warmup(1.0, 1.0, 1e-6, 0.1) == pytest.approx(1e-6)
+    assert cosine_with_warmup(2.0, 1.0, 1e-6, 0.1) == pytest.approx(1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "d", n_train=5, n_test=2,
+                                  shape=(32, 32), seed=3)
+
+
+FAST = {"training.iterations_per_epoch": 3}
+
+
+def test_train_writes_model_dir_and_resumes(tiny_data, tmp_path):
+    model = tmp_path / "m"
+    res = train(tiny_data, model, epochs=2, overrides=FAST, progress=False)
+    assert res.epochs == 2 and res.iterations == 6
+    for name in ("plan.json", "splits.json", "checkpoint_last.pt", "checkpoint_best.pt", "log.csv"):
+        assert (model / name).is_file(), name
+    split = json.loads((model / "splits.json").read_text())
+    assert len(split["val"]) == 1 and len(split["train"]) == 4
+    rows = list(csv.DictReader((model / "log.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert {"train_loss", "val_dice", "val_dice_lesion", "lr", "data_wait_share"} <= set(rows[0])
+    assert all(0.0 <= float(r["val_dice"]) <= 1.0 for r in rows)
+    # no temporary checkpoint files are left behind
+    assert not [p for p in model.iterdir() if p.name.startswith(".")]
+
+    with pytest.raises(InputError, match="already holds a run"):
+        train(tiny_data, model, epochs=2, overrides=FAST, progress=False)
+    # extend the finished run: the epoch counter continues from 2
+    res = train(tiny_data, model, epochs=3, resume=True, progress=False)
+    assert res.epochs == 3 and res.iterations == 9
+    rows = list(csv.DictReader((model / "log.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+
+
+def test_resume_without_checkpoint_is_an_input_error(tiny_data, tmp_path):
+    with pytest.raises(InputError, match="nothing to resume"):
+        train(tiny_data, tmp_path / "none", epochs=1, resume=True, progress=False)
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tiny_data, tmp_path):
+    """Kill a run (SIGKILL) during epoch 2, resume with the same command: the weights after
+    epoch 2 equal those of a run that was never interrupted."""
+    ov = {"training.iterations_per_epoch": 40, "training.augment": {"flip": 0.5, "rot90": 0.5}}
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(tiny_data, a, epochs=2, overrides=ov, progress=False, precision="fp32")
+    code = (
+        "import sys; from medunet.training import train; "
+        f"train({str(tiny_data)!r}, {str(b)!r}, epochs=2, overrides={ov!r}, progress=False, "
+        "precision='fp32')"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.time() + 120
+    while not (b / "checkpoint_last.pt").exists():
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = torch.load(b / "checkpoint_last.pt", weights_only=True)["state"]
+    assert state["epoch"] == 1, "killed too late: epoch 2 had already finished"
+    train(tiny_data, b, epochs=2, resume=True, progress=False, precision="fp32")
+    sa = torch.load(a / "checkpoint_last.pt", weights_only=True)
+    sb = torch.load(b / "checkpoint_last.pt", weights_only=True)
+    assert sb["state"]["epoch"] == 2 and sb["state"]["iteration"] == sa["state"]["iteration"]
+    for k in sa["model"]:
+        assert torch.allclose(sa["model"][k].float(), sb["model"][k].float(), atol=1e-6), k
+    rows = list(csv.DictReader((b / "log.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+
+
+def test_time_budget_stops(tiny_data, tmp_path):
+    res = train(tiny_data, tmp_path / "m", time_budget="4s", overrides=FAST, progress=False)
+    assert res.epochs >= 1
+    # the run stops once the next step and a validation would pass the budget; the first
+    # epoch has no estimate yet, so allow one epoch of overrun (machines under load are slow)
+    assert res.seconds < 4 + res.history[0]["epoch_seconds"] + 1
+    assert math.isfinite(res.best_dice)

@@ -145,3 +145,22 @@ def test_predictor_load_errors(tmp_path):
     (model / "checkpoint_last.pt").unlink()
     with pytest.raises(InputError, match="no checkpoint"):
         Predictor.load(model)
+
+
+def test_flip_tta_of_a_symmetric_model_equals_no_tta(tmp_path):
+    """A net made mirror-symmetric (its weights averaged with their flips) gives the same
+    probabilities with and without flip TTA."""
+    model = _model_dir(tmp_path, 2)
+    pred = Predictor.load(model, precision="fp32")
+    net = pred.nets[0]
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+                w = m.weight
+                m.weight.copy_((w + w.flip(-1) + w.flip(-2) + w.flip(-1, -2)) / 4)
+    img = np.random.default_rng(2).normal(size=(1, 16, 16)).astype(np.float32)
+    plain = pred.predict_probabilities(img, tta="none")
+    flipped = pred.predict_probabilities(img, tta="flip")
+    torch.testing.assert_close(plain, flipped, atol=1e-5, rtol=1e-4)
+    with pytest.raises(InputError, match="test-time augmentation"):
+        pred.predict_probabilities(img, tta="sideways")

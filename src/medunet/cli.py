@@ -131,6 +131,7 @@ def predict(
     output: Path = typer.Option(..., "--output", "-o", help="folder for the label maps"),
     save_probabilities: bool = typer.Option(False, help="also write {case}.npz with class probabilities"),
     checkpoint: str = typer.Option("best", help="best or last"),
+    tta: str = typer.Option("none", help="test-time augmentation: none, flip (mirror every axis)"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
     precision: str = typer.Option("auto", help="auto, fp32, bf16, fp16"),
     quiet: bool = typer.Option(False, help="no progress display"),
@@ -142,7 +143,8 @@ def predict(
 
     predictor = Predictor.load(model, checkpoint=checkpoint, device=device, precision=precision)
     t0 = time.perf_counter()
-    written = predictor.predict(inputs, output, save_probabilities=save_probabilities, progress=not quiet)
+    written = predictor.predict(inputs, output, save_probabilities=save_probabilities,
+                                progress=not quiet, tta=tta)
     dt = time.perf_counter() - t0
     out.print(f"wrote {len(written)} label map(s) to {output} ({dt / max(1, len(written)):.2f}s per case)")
 

@@ -18,6 +18,7 @@ from medunet.planning import Plan
 from medunet.preprocessing import normalize
 from medunet.runtime import memory_format, resolve_device, resolve_precision
 
+TTA_MODES = ("none", "flip")
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
 
 
@@ -109,25 +110,38 @@ class Predictor:
         return cls(plan, [_prepare(net, dev, plan.dim)], dev, prec, model_dir)
 
     @torch.inference_mode()
-    def predict_probabilities(self, image: np.ndarray) -> torch.Tensor:
-        """Class probabilities ``(K, *S)`` for a raw channel-first image (normalised here)."""
+    def predict_probabilities(self, image: np.ndarray, tta: str = "none") -> torch.Tensor:
+        """Class probabilities ``(K, *S)`` for a raw channel-first image (normalised here).
+
+        ``tta="flip"`` averages the predictions of every combination of mirrored spatial axes
+        (4 passes in 2D, 8 in 3D); each model of an ensemble is averaged the same way.
+        """
         self._check_image(image)
+        if tta not in TTA_MODES:
+            raise InputError(f"unknown test-time augmentation '{tta}'", fix=f"use {', '.join(TTA_MODES)}")
         x = torch.from_numpy(normalize(image, self.plan.normalization))
+        nsp = x.ndim - 1
+        flips = [()] if tta == "none" else [
+            tuple(a for a in range(nsp) if mask >> a & 1) for mask in range(2**nsp)]
         inf = self.plan.inference
         total = None
         for net in self.nets:
-            p = sliding_window_inference(
-                net, x, self.plan.patch_size, self.plan.num_classes,
-                overlap=inf.get("overlap", 0.5), batch_size=max(1, self.plan.batch_size),
-                sigma_scale=inf.get("sigma_scale", 0.125), precision=self.precision,
-                device=self.device)
-            total = p if total is None else total + p
+            for axes in flips:
+                xi = torch.flip(x, [1 + a for a in axes]) if axes else x
+                p = sliding_window_inference(
+                    net, xi, self.plan.patch_size, self.plan.num_classes,
+                    overlap=inf.get("overlap", 0.5), batch_size=max(1, self.plan.batch_size),
+                    sigma_scale=inf.get("sigma_scale", 0.125), precision=self.precision,
+                    device=self.device)
+                if axes:
+                    p = torch.flip(p, [1 + a for a in axes])
+                total = p if total is None else total + p
         assert total is not None
-        return total / len(self.nets)
+        return total / (len(self.nets) * len(flips))
 
-    def predict_array(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def predict_array(self, image: np.ndarray, tta: str = "none") -> tuple[np.ndarray, np.ndarray]:
         """Label map (raw label values, spatial shape) and probabilities for one image."""
-        probs = self.predict_probabilities(image)
+        probs = self.predict_probabilities(image, tta=tta)
         return probabilities_to_labels(probs, self.plan.label_values), probs.numpy()
 
     def _check_image(self, image: np.ndarray, path: Path | None = None) -> None:
@@ -141,7 +155,8 @@ class Predictor:
                 f"({', '.join(self.plan.channel_names)})", path,
                 "give every channel (CASE_0000, CASE_0001, ...) or the right colour mode")
 
-    def predict_case(self, case: InputCase, out_dir: Path, save_probabilities: bool = False) -> Path:
+    def predict_case(self, case: InputCase, out_dir: Path, save_probabilities: bool = False,
+                     tta: str = "none") -> Path:
         """Predict one case from its files and write ``{case_id}{ext}`` into ``out_dir``."""
         arrays, geom = [], None
         for p in case.paths:
@@ -152,7 +167,7 @@ class Predictor:
             raise InputError("channel files differ in size", case.paths[0])
         image = np.concatenate(arrays, axis=0)
         self._check_image(image, case.paths[0])
-        labels, probs = self.predict_array(image)
+        labels, probs = self.predict_array(image, tta=tta)
         suffix = split_suffix(case.paths[0])[1].lower()
         if suffix in (".jpg", ".jpeg"):
             suffix = ".png"  # a lossy format would corrupt label values
@@ -162,7 +177,7 @@ class Predictor:
         return out
 
     def predict(self, inputs: str | Path, out_dir: str | Path, save_probabilities: bool = False,
-                progress: bool = True) -> list[Path]:
+                progress: bool = True, tta: str = "none") -> list[Path]:
         """Predict a file or a folder; returns the written label files."""
         out_dir = Path(out_dir)
         cases = find_inputs(inputs, self.plan.in_channels)
@@ -173,7 +188,7 @@ class Predictor:
         with Progress(disable=not progress, transient=True) as bar:
             task = bar.add_task("predicting", total=len(cases))
             for case in cases:
-                written.append(self.predict_case(case, out_dir, save_probabilities))
+                written.append(self.predict_case(case, out_dir, save_probabilities, tta))
                 bar.advance(task)
         return written
 

@@ -23,3 +23,8 @@ class InputError(Exception):
             parts.append(fix)
         super().__init__(" — ".join(parts))
         self.path = None if path is None else Path(path)
+        self._args = (message, path, fix)
+
+    def __reduce__(self):
+        # rebuild from the original arguments, so the error survives worker processes intact
+        return (type(self), self._args)

@@ -42,6 +42,7 @@ def window_starts(size: int, patch: int, overlap: float) -> list[int]:
     return [round(i * (size - patch) / (n - 1)) for i in range(n)]
 
 
+@torch.inference_mode()
 def sliding_window_inference(net: torch.nn.Module, image: torch.Tensor, patch: Sequence[int],
                              num_classes: int, overlap: float = 0.5, batch_size: int = 4,
                              sigma_scale: float = 0.125, precision: str = "fp32",

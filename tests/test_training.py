@@ -92,8 +92,13 @@ def test_train_writes_model_dir_and_resumes(tiny_data, tmp_path):
     model = tmp_path / "m"
     res = train(tiny_data, model, epochs=2, overrides=FAST, progress=False)
     assert res.epochs == 2 and res.iterations == 6
-    for name in ("plan.json", "splits.json", "checkpoint_last.pt", "checkpoint_best.pt", "log.csv"):
+    for name in ("plan.json", "splits.json", "checkpoint_last.pt", "checkpoint_best.pt", "log.csv",
+                 "curves.png", "validation/report.html", "validation/scores.json"):
         assert (model / name).is_file(), name
+    # the validation report scores exactly the validation case, predicted by the best checkpoint
+    scores = json.loads((model / "validation" / "scores.json").read_text())
+    split = json.loads((model / "splits.json").read_text())
+    assert [c["case"] for c in scores["cases"]] == split["val"]
     split = json.loads((model / "splits.json").read_text())
     assert len(split["val"]) == 1 and len(split["train"]) == 4
     rows = list(csv.DictReader((model / "log.csv").open()))
@@ -106,7 +111,7 @@ def test_train_writes_model_dir_and_resumes(tiny_data, tmp_path):
     with pytest.raises(InputError, match="already holds a run"):
         train(tiny_data, model, epochs=2, overrides=FAST, progress=False)
     # extend the finished run: the epoch counter continues from 2
-    res = train(tiny_data, model, epochs=3, resume=True, progress=False)
+    res = train(tiny_data, model, epochs=3, resume=True, progress=False, report=False)
     assert res.epochs == 3 and res.iterations == 9
     rows = list(csv.DictReader((model / "log.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
@@ -114,7 +119,7 @@ def test_train_writes_model_dir_and_resumes(tiny_data, tmp_path):
 
 def test_resume_without_checkpoint_is_an_input_error(tiny_data, tmp_path):
     with pytest.raises(InputError, match="nothing to resume"):
-        train(tiny_data, tmp_path / "none", epochs=1, resume=True, progress=False)
+        train(tiny_data, tmp_path / "none", epochs=1, resume=True, progress=False, report=False)
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny_data, tmp_path):
@@ -122,11 +127,11 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_data, tmp_path):
     epoch 2 equal those of a run that was never interrupted."""
     ov = {"training.iterations_per_epoch": 40, "training.augment": {"flip": 0.5, "rot90": 0.5}}
     a, b = tmp_path / "a", tmp_path / "b"
-    train(tiny_data, a, epochs=2, overrides=ov, progress=False, precision="fp32")
+    train(tiny_data, a, epochs=2, overrides=ov, progress=False, precision="fp32", report=False)
     code = (
         "import sys; from medunet.training import train; "
         f"train({str(tiny_data)!r}, {str(b)!r}, epochs=2, overrides={ov!r}, progress=False, "
-        "precision='fp32')"
+        "precision='fp32', report=False)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code])
     deadline = time.time() + 120
@@ -138,7 +143,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_data, tmp_path):
     proc.wait()
     state = torch.load(b / "checkpoint_last.pt", weights_only=True)["state"]
     assert state["epoch"] == 1, "killed too late: epoch 2 had already finished"
-    train(tiny_data, b, epochs=2, resume=True, progress=False, precision="fp32")
+    train(tiny_data, b, epochs=2, resume=True, progress=False, precision="fp32", report=False)
     sa = torch.load(a / "checkpoint_last.pt", weights_only=True)
     sb = torch.load(b / "checkpoint_last.pt", weights_only=True)
     assert sb["state"]["epoch"] == 2 and sb["state"]["iteration"] == sa["state"]["iteration"]
@@ -149,7 +154,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_data, tmp_path):
 
 
 def test_time_budget_stops(tiny_data, tmp_path):
-    res = train(tiny_data, tmp_path / "m", time_budget="4s", overrides=FAST, progress=False)
+    res = train(tiny_data, tmp_path / "m", time_budget="4s", overrides=FAST, progress=False,
+                report=False)
     assert res.epochs >= 1
     # the run stops once the next step and a validation would pass the budget; the first
     # epoch has no estimate yet, so allow one epoch of overrun (machines under load are slow)

@@ -112,6 +112,8 @@ def train(
     preset: str = typer.Option("default", help="network preset: default, classic, large"),
     set_: list[str] | None = typer.Option(None, "--set", help="override a plan field: key=value"),
     plan_file: list[Path] | None = typer.Option(None, "--plan", help="JSON file of plan overrides"),
+    report: bool = typer.Option(True, "--report/--no-report",
+                                help="score the validation cases and write validation/report.html"),
     quiet: bool = typer.Option(False, help="no progress display"),
 ) -> None:
     """Train a U-Net on DATA and write a self-describing model directory."""
@@ -119,7 +121,7 @@ def train(
 
     result = run_train(data, output, epochs=epochs, time_budget=time_budget, resume=resume,
                        device=device, precision=precision, seed=seed, preset=preset,
-                       overrides=parse_overrides(set_, plan_file), progress=not quiet)
+                       overrides=parse_overrides(set_, plan_file), progress=not quiet, report=report)
     out.print(f"best validation Dice {result.best_dice:.4f} after {result.epochs} epochs "
               f"({result.iterations} steps, {result.seconds:.0f}s); model in {result.model_dir}")
 

@@ -89,3 +89,38 @@ class LiveDisplay:
     def epoch_line(self, text: str) -> None:
         if self.enabled:
             self.progress.console.print(text)
+
+
+def plot_curves(log_path: Path, out_path: Path) -> None:
+    """Draw ``curves.png`` from ``log.csv``: training loss and validation Dice per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with log_path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    epochs = [int(r["epoch"]) for r in rows]
+    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax_loss.plot(epochs, [float(r["train_loss"]) for r in rows], label="train loss")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend()
+    for key in [k for k in rows[0] if k.startswith("val_dice")]:
+        ax_dice.plot(epochs, [float(r[key]) for r in rows], label=key.replace("val_dice_", ""))
+    ax_dice.set_xlabel("epoch")
+    ax_dice.set_ylabel("validation Dice (whole images)")
+    ax_dice.set_ylim(0, 1)
+    ax_dice.legend(fontsize=8)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=".curves.", suffix=".png", dir=out_path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=90)
+        os.replace(tmp, out_path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)

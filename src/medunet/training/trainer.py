@@ -24,7 +24,7 @@ from medunet.nets import build_network
 from medunet.planning import Plan, fingerprint_dataset, make_plan
 from medunet.preprocessing import normalize
 from medunet.runtime import autocast, memory_format, resolve_device, resolve_precision
-from medunet.training.callbacks import CsvLog, LiveDisplay, save_checkpoint
+from medunet.training.callbacks import CsvLog, LiveDisplay, plot_curves, save_checkpoint
 from medunet.training.losses import build_loss
 from medunet.training.sampler import PatchSampler
 from medunet.training.schedule import cosine_with_warmup
@@ -170,6 +170,7 @@ def _fit(run: _Run, display: LiveDisplay) -> list[dict]:
         run.state.epoch += 1
         row = _epoch_row(run, losses, dice, time.perf_counter() - t_epoch, t_data)
         run.log.write(row)
+        plot_curves(run.log.path, run.model_dir / "curves.png")
         history.append(row)
         improved = row["val_dice"] > run.state.best_dice
         if improved:
@@ -288,7 +289,7 @@ def prepare_plan(data: str | Path, preset: str = "default",
 def train(data: str | Path, model_dir: str | Path, *, epochs: int | None = None,
           time_budget: str | float | None = None, resume: bool = False, device: str | None = None,
           precision: str | None = None, seed: int = 0, preset: str = "default",
-          overrides: dict | None = None, progress: bool = True) -> TrainResult:
+          overrides: dict | None = None, progress: bool = True, report: bool = True) -> TrainResult:
     """Train a U-Net on a dataset folder and write a self-describing model directory.
 
     Args:
@@ -302,6 +303,8 @@ def train(data: str | Path, model_dir: str | Path, *, epochs: int | None = None,
         seed: seeds the split, the sampler and the augmentation.
         preset: network preset (``default``, ``classic``, ``large``).
         overrides: plan fields to set, e.g. ``{"patch_size": [128, 128]}``.
+        report: at the end, predict the validation cases with the best checkpoint into
+            ``validation/`` and write ``validation/report.html`` and ``validation/scores.json``.
     """
     model_dir = Path(model_dir)
     last = model_dir / "checkpoint_last.pt"
@@ -367,5 +370,27 @@ def train(data: str | Path, model_dir: str | Path, *, epochs: int | None = None,
     if not (model_dir / "checkpoint_last.pt").is_file():
         raise InputError("the time budget ended before one epoch finished", model_dir,
                          "give a larger --time-budget")
+    if report:
+        validation_report(model_dir, dataset, split["val"], device=device, precision=precision)
     return TrainResult(model_dir, state.best_dice if math.isfinite(state.best_dice) else float("nan"),
                        state.epoch, state.iteration, run.elapsed(), history)
+
+
+def validation_report(model_dir: Path, dataset: Dataset, case_ids: list[str],
+                      device: str | None = None, precision: str | None = None) -> Path:
+    """Predict the validation cases with the best checkpoint and score them with a report."""
+    from medunet.evaluation import evaluate
+    from medunet.inference import Predictor
+    from medunet.inference.predictor import InputCase
+
+    out = model_dir / "validation"
+    out.mkdir(exist_ok=True)
+    predictor = Predictor.load(model_dir, device=device, precision=precision)
+    by_id = {c.case_id: c for c in dataset.train}
+    for cid in case_ids:
+        predictor.predict_case(InputCase(cid, by_id[cid].image_paths), out)
+    first = by_id[case_ids[0]]
+    evaluate(out, first.label_path.parent, labels=[v for v in dataset.label_values if v != 0],
+             json_path=out / "scores.json", report=out / "report.html", model_dir=model_dir,
+             images=first.image_paths[0].parent, workers=1, progress=False)
+    return out / "report.html"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -63,3 +64,59 @@ def emit(result: dict, path: Path | None) -> None:
     print(text)
     if path:
         path.write_text(text)
+
+
+def budget_args(ap: argparse.ArgumentParser, work: str) -> None:
+    """The options every train-then-predict benchmark takes."""
+    ap.add_argument("--budget", default="30m", help="training time budget")
+    ap.add_argument("--work", type=Path, default=Path(work))
+    ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="plan override key=value (as for medunet train --set)")
+    ap.add_argument("--tta", default="none", help="test-time augmentation for the test cases")
+    ap.add_argument("--seed", type=int, default=0)
+
+
+def train_and_predict(dataset: Path, args: argparse.Namespace, save_probabilities: bool = False) -> dict:
+    """Train on the dataset's training split within the budget, then predict its test split.
+
+    Returns the run facts every benchmark reports, plus the predictions folder and predictor.
+    """
+    import shutil
+    import time
+
+    from medunet.cli import parse_overrides
+    from medunet.inference import Predictor
+    from medunet.training import train
+
+    if not dataset.is_dir():
+        sys.exit(f"{dataset} not found: this benchmark needs ../shared/data")
+    info = machine()
+    if args.work.exists():
+        shutil.rmtree(args.work)
+    model, preds = args.work / "model", args.work / "predictions"
+    t0 = time.perf_counter()
+    res = train(dataset, model, time_budget=args.budget, seed=args.seed,
+                overrides=parse_overrides(args.overrides), progress=False, report=False)
+    t_train = time.perf_counter() - t0
+    predictor = Predictor.load(model)
+    n_test = len(list((dataset / "imagesTs").iterdir()))
+    t1 = time.perf_counter()
+    predictor.predict(dataset / "imagesTs", preds, save_probabilities=save_probabilities,
+                      progress=False, tta=args.tta)
+    t_pred = time.perf_counter() - t1
+    facts = {
+        "budget": args.budget,
+        "overrides": args.overrides,
+        "tta": args.tta,
+        "train_seconds": round(t_train, 1),
+        "epochs": res.epochs,
+        "iterations": res.iterations,
+        "best_val_dice": res.best_dice,
+        "patch_size": predictor.plan.patch_size,
+        "batch_size": predictor.plan.batch_size,
+        "precision": predictor.precision,
+        "predict_seconds_per_case": round(t_pred / max(1, n_test), 3),
+        "machine": info,
+    }
+    return {"facts": facts, "predictions": preds, "model": model}

@@ -18,6 +18,7 @@ class DemoResult:
     dice: float
     overlay: Path
     seconds_train: float
+    evaluation: object = None  # the EvaluationResult of the test images
 
 
 def run_demo(out_dir: str | Path = "medunet_demo", time_budget: str = "60s", seed: int = 0,
@@ -42,7 +43,7 @@ def run_demo(out_dir: str | Path = "medunet_demo", time_budget: str = "60s", see
     Predictor.load(model).predict(data / "imagesTs", preds, progress=progress)
     res = evaluate(preds, data / "labelsTs", progress=False)
     overlay = draw_overlay(data, preds, out / "overlay.png")
-    return DemoResult(out, res.metric(1, "dice", kind="mean"), overlay, result.seconds)
+    return DemoResult(out, res.metric(1, "dice", kind="mean"), overlay, result.seconds, res)
 
 
 def draw_overlay(data: Path, preds: Path, path: Path, n: int = 4) -> Path:

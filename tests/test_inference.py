@@ -164,3 +164,195 @@ def test_flip_tta_of_a_symmetric_model_equals_no_tta(tmp_path):
     torch.testing.assert_close(plain, flipped, atol=1e-5, rtol=1e-4)
     with pytest.raises(InputError, match="test-time augmentation"):
         pred.predict_probabilities(img, tta="sideways")
+
+
+# --- memory-lean sliding window, lazy normalisation, TTA, ensembles, CLI options ---------------
+
+
+def _reference_sliding_window(net, image, patch, k, overlap):
+    """The textbook algorithm: full-size float32 sums, then one division."""
+    from medunet.inference.sliding_window import gaussian_weights as gw
+
+    size = image.shape[1:]
+    w = gw(tuple(patch))
+    probs, norm = torch.zeros((k, *size)), torch.zeros(size)
+    import itertools
+
+    for st in itertools.product(*[window_starts(s, p, overlap) for s, p in zip(size, patch, strict=True)]):
+        sl = tuple(slice(a, a + p) for a, p in zip(st, patch, strict=True))
+        with torch.no_grad():
+            p = torch.softmax(net(image[(slice(None), *sl)][None]), 1)[0]
+        probs[(slice(None), *sl)] += p * w
+        norm[sl] += w
+    return probs / norm
+
+
+@pytest.mark.parametrize("shape,patch", [((50, 37), (16, 16)), ((30, 70), (16, 16)),
+                                         ((20, 18, 23), (8, 16, 8))])
+def test_slab_accumulation_equals_full_accumulation(shape, patch):
+    from medunet.inference import sliding_window
+    from medunet.inference.backends import TorchBackend
+    from medunet.inference.tta import window_predictor
+
+    net = _net(len(shape))
+    image = torch.randn(1, *shape)
+    ref = _reference_sliding_window(net, image, patch, 3, 0.5)
+    predict = window_predictor([TorchBackend(net, torch.device("cpu"), "fp32")])
+    probs, labels = sliding_window(predict, image, patch, 3, overlap=0.5, batch_size=3, labels=True)
+    torch.testing.assert_close(probs, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(labels.long(), probs.argmax(0))
+    # labels alone: the same map, without a K-channel output
+    none, only = sliding_window(predict, image.numpy(), patch, 3, overlap=0.5, probabilities=False,
+                                labels=True)
+    assert none is None and torch.equal(only, labels)
+
+
+@pytest.mark.parametrize("scheme", [
+    {"scheme": "zscore"}, {"scheme": "none"}, {"scheme": "rgb", "mean": 0.4, "std": 0.2},
+    {"scheme": "ct", "lower": -200.0, "upper": 900.0, "mean": 80.0, "std": 150.0}])
+def test_window_normalizer_equals_normalize(scheme):
+    from medunet.inference.normalization import WindowNormalizer
+    from medunet.preprocessing import normalize
+
+    rng = np.random.default_rng(0)
+    image = (rng.normal(300, 400, size=(1, 20, 30, 7))).astype(np.int16)
+    expected = normalize(image, [scheme])
+    got = WindowNormalizer(image, [scheme])(torch.from_numpy(image[None].astype(np.float32)))[0]
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+class _Pointwise(torch.nn.Module):
+    """Logits (x, -x): equivariant to any spatial transform, so TTA must give back no-TTA."""
+
+    def forward(self, x):
+        return torch.cat([x[:, :1], -x[:, :1]], dim=1)
+
+
+def _pointwise_predictor(tmp_path, dims=2):
+    model = _model_dir(tmp_path, dims)
+    pred = Predictor.load(model, precision="fp32")
+    pred.members[0].backend.net = _Pointwise()
+    return pred
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_full_tta_of_an_equivariant_model_equals_no_tta(tmp_path, dims):
+    pred = _pointwise_predictor(tmp_path, dims)
+    # a smooth, asymmetric image: a wrongly inverted rotation would move it visibly
+    grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in (30, 26, 20)[:dims]], indexing="ij")
+    img = (2 * grids[0] + np.sin(2 * grids[1]))[None].astype(np.float32)
+    plain = pred.predict_probabilities(img, tta="none")
+    full = pred.predict_probabilities(img, tta="full")
+    # interpolation error only; at the image border the rotated windows see reflected context
+    inner = (slice(None), *[slice(2, -2)] * dims)
+    torch.testing.assert_close(full[inner], plain[inner], atol=2e-3, rtol=0)
+    torch.testing.assert_close(full, plain, atol=1e-2, rtol=0)
+
+
+def test_rotation_is_inverted_on_the_probabilities():
+    from medunet.inference.tta import Transform, rotate, rotation_plane, tta_transforms
+
+    x = torch.linspace(0, 1, 32)[None, None, :, None].expand(1, 1, 32, 32).contiguous()
+    t = Transform(angle=10.0, plane=(0, 1))
+    moved = t.forward(x)
+    assert (moved - x).abs().max() > 0.05  # it really rotates
+    back, weight = t.inverse(moved)
+    inside = weight[0, 0] > 0.999
+    torch.testing.assert_close(back[0, 0][inside], x[0, 0][inside], atol=2e-2, rtol=0)
+    assert weight.min() == 0  # corners the rotated window did not cover are left out
+    assert rotate(x, 0.0, (0, 1)).sub(x).abs().max() < 1e-6
+    assert len(tta_transforms("full", 3, (0, 1))) == 10 and len(tta_transforms("flip", 2)) == 4
+    assert rotation_plane([1.0, 1.0, 3.0], 3) == (0, 1) and rotation_plane([3.0, 0.7, 0.7], 3) == (1, 2)
+
+
+def test_ensemble_of_identical_models_equals_one(tmp_path):
+    import shutil
+
+    model = _model_dir(tmp_path, 2)
+    twin = tmp_path / "twin"
+    shutil.copytree(model, twin)
+    folds = tmp_path / "cv"
+    for f in ("fold_0", "fold_1"):
+        shutil.copytree(model, folds / f)
+    img = np.random.default_rng(3).normal(size=(1, 40, 23)).astype(np.float32)
+    one = Predictor.load(model, precision="fp32")
+    both = Predictor.load([model, twin], precision="fp32")
+    cv = Predictor.load(folds, precision="fp32")
+    assert len(both.members) == 2 and len(cv.members) == 2
+    expected = one.predict_probabilities(img, tta="flip")
+    torch.testing.assert_close(both.predict_probabilities(img, tta="flip"), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(cv.predict_probabilities(img), one.predict_probabilities(img),
+                               atol=1e-6, rtol=1e-5)
+    # models trained on other labels cannot be averaged
+    other = _model_dir(tmp_path / "o", 2, label_values=(0, 1, 2))
+    with pytest.raises(InputError, match="disagree on label_values"):
+        Predictor.load([model, other])
+
+
+def test_ensemble_with_different_patch_sizes_averages_probabilities(tmp_path):
+    import json
+    import shutil
+
+    model = _model_dir(tmp_path, 2)
+    other = tmp_path / "other"
+    shutil.copytree(model, other)
+    plan = json.loads((other / "plan.json").read_text())
+    plan["patch_size"] = [8, 8]
+    (other / "plan.json").write_text(json.dumps(plan))
+    img = np.random.default_rng(4).normal(size=(1, 20, 21)).astype(np.float32)
+    a = Predictor.load(model, precision="fp32").predict_probabilities(img)
+    b = Predictor.load(other, precision="fp32").predict_probabilities(img)
+    both = Predictor.load([model, other], precision="fp32")
+    torch.testing.assert_close(both.predict_probabilities(img), (a + b) / 2, atol=1e-6, rtol=1e-5)
+    labels, probs = both.predict_array(img)
+    np.testing.assert_array_equal(labels, probs.argmax(0))
+
+
+def test_overlap_option_and_bad_values(tmp_path):
+    model = _model_dir(tmp_path, 2)
+    img = np.random.default_rng(5).normal(size=(1, 40, 40)).astype(np.float32)
+    dense = Predictor.load(model, precision="fp32", overlap=0.75)
+    assert dense.overlap == 0.75 and Predictor.load(model).overlap == 0.5
+    probs = dense.predict_probabilities(img)
+    torch.testing.assert_close(probs.sum(0), torch.ones(40, 40), atol=1e-5, rtol=0)
+    with pytest.raises(InputError, match="overlap"):
+        Predictor.load(model, overlap=1.0)
+    with pytest.raises(InputError, match="backend"):
+        Predictor.load(model, backend="tensorrt")
+    with pytest.raises(InputError, match="int8 needs the ONNX backend"):
+        Predictor.load(model, int8=True)
+
+
+def test_cli_predict_ensemble_tta_overlay_postprocess(tmp_path):
+    from typer.testing import CliRunner
+
+    from medunet.cli import app
+
+    model = _model_dir(tmp_path, 3)
+    vol = np.random.default_rng(6).normal(size=(1, 20, 18, 9)).astype(np.float32)
+    write_image(tmp_path / "in" / "c1_0000.nii.gz", vol, Geometry(spacing=(1.0, 1.0, 2.5)))
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["predict", str(model), str(tmp_path / "in"), "-o", str(out), "-m",
+                                 str(model), "--tta", "full", "--overlap", "0.25", "--overlay",
+                                 "--postprocess", "largest_component", "--precision", "fp32", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "2 models" in r.output and "tta full" in r.output
+    assert (out / "c1.nii.gz").is_file() and (out / "overlays" / "c1.png").stat().st_size > 1000
+    lab, _ = read_image(out / "c1.nii.gz")
+    from scipy import ndimage
+
+    assert ndimage.label(lab[0] == 1, structure=np.ones((3, 3, 3)))[1] <= 1
+    r = CliRunner().invoke(app, ["predict", str(model), str(tmp_path / "in"), "-o", str(out),
+                                 "--postprocess", "3:fill_holes", "--quiet"])
+    assert r.exit_code != 0 and "label 3" in str(r.exception)
+
+
+def test_overlay_2d_rgb(tmp_path):
+    from medunet.inference.overlay import write_overlay
+
+    img = np.random.default_rng(0).integers(0, 255, (3, 40, 50), dtype=np.uint8)
+    lab = np.zeros((40, 50), np.uint8)
+    lab[10:20, 10:30] = 255
+    path = write_overlay(img, lab, tmp_path / "o.png", [0, 255])
+    arr, _ = read_image(path)
+    assert arr.shape[0] in (3, 4) and arr.shape[1] > 100

@@ -15,7 +15,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="medunet: plan, train, predict and evaluate U-Nets for medical image segmentation.",
+    help="medunet: plan, train, predict, evaluate, export and serve U-Nets for medical image segmentation.",
 )
 out = Console()
 err = Console(stderr=True)
@@ -128,27 +128,66 @@ def train(
 
 @app.command()
 def predict(
-    model: Path = typer.Argument(..., help="model directory written by 'medunet train'"),
+    model: Path = typer.Argument(..., help="model directory written by 'medunet train' (a directory "
+                                 "of fold_*/ model directories is an ensemble of the folds)"),
     inputs: Path = typer.Argument(..., help="an image file or a folder of images"),
     output: Path = typer.Option(..., "--output", "-o", help="folder for the label maps"),
+    extra_models: list[Path] | None = typer.Option(
+        None, "--model", "-m", help="another model directory to ensemble with MODEL (repeatable)"),
     save_probabilities: bool = typer.Option(False, help="also write {case}.npz with class probabilities"),
     checkpoint: str = typer.Option("best", help="best or last"),
-    tta: str = typer.Option("none", help="test-time augmentation: none, flip (mirror every axis)"),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
-    precision: str = typer.Option("auto", help="auto, fp32, bf16, fp16"),
+    tta: str = typer.Option("none", help="test-time augmentation: none, flip (mirror every axis), "
+                            "full (flips + +-10 degree in-plane rotations)"),
+    overlap: float | None = typer.Option(None, help="sliding-window overlap in [0, 1) (default: the "
+                                         "plan's, 0.5)"),
+    postprocess: str = typer.Option("auto", help="auto (the choice made on the validation cases), none, "
+                                    "or steps: largest_component, fill_holes, remove_small=N, each "
+                                    "optionally LABEL:step, comma-separated"),
+    backend: str = typer.Option("torch", help="torch or onnx (ONNX Runtime; exports the model first "
+                                "when MODEL/export/ has no up-to-date export)"),
+    int8: bool = typer.Option(False, help="with --backend onnx: the int8 (static QDQ) model"),
+    calibration: Path | None = typer.Option(None, help="with --int8 and no int8 export yet: images to "
+                                            "calibrate on (default: the model's validation inputs)"),
+    overlay: bool = typer.Option(False, help="also draw OUTPUT/overlays/{case}.png (contours on the image)"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N (torch backend)"),
+    precision: str = typer.Option("auto", help="auto, fp32, bf16, fp16 (torch backend)"),
     quiet: bool = typer.Option(False, help="no progress display"),
 ) -> None:
-    """Segment images with a trained model (sliding window, Gaussian-weighted)."""
+    """Segment images with trained models (sliding window, Gaussian-weighted; TTA, ensembles)."""
     import time
 
     from medunet.inference import Predictor
 
-    predictor = Predictor.load(model, checkpoint=checkpoint, device=device, precision=precision)
+    predictor = Predictor.load([model, *(extra_models or [])], checkpoint=checkpoint, device=device,
+                               precision=precision, backend=backend, int8=int8, overlap=overlap,
+                               postprocess=postprocess, calibration=calibration)
     t0 = time.perf_counter()
     written = predictor.predict(inputs, output, save_probabilities=save_probabilities,
-                                progress=not quiet, tta=tta)
+                                progress=not quiet, tta=tta, overlay=overlay)
     dt = time.perf_counter() - t0
-    out.print(f"wrote {len(written)} label map(s) to {output} ({dt / max(1, len(written)):.2f}s per case)")
+    n = len(predictor.members)
+    out.print(f"wrote {len(written)} label map(s) to {output} ({dt / max(1, len(written)):.2f}s per case; "
+              f"{n} model{'s' if n > 1 else ''}, {backend} {predictor.precision}, tta {tta})")
+
+
+@app.command()
+def export(
+    model: Path = typer.Argument(..., help="model directory written by 'medunet train'"),
+    format_: str = typer.Option("onnx", "--format", help="onnx or torchscript"),
+    int8: bool = typer.Option(False, help="ONNX only: static int8 (QDQ) quantisation"),
+    output: Path | None = typer.Option(None, "--output", "-o",
+                                       help="file to write (default: MODEL/export/model[_int8].onnx)"),
+    calibration: Path | None = typer.Option(None, help="images to calibrate int8 on (default: the "
+                                            "model's validation inputs, found via validation/scores.json)"),
+    checkpoint: str = typer.Option("best", help="best or last"),
+) -> None:
+    """Export a model to ONNX (fp32 or int8) or TorchScript and check it against PyTorch."""
+    from medunet.export import export_model
+
+    res = export_model(model, format_, int8=int8, output=output, calibration=calibration,
+                       checkpoint=checkpoint)
+    out.print(f"wrote {res.path}")
+    out.print(f"check vs PyTorch: {res.summary()} (stored in {model / 'export' / 'export_check.json'})")
 
 
 @app.command()
@@ -196,8 +235,28 @@ def demo(
     from medunet.demo import run_demo
 
     res = run_demo(output, time_budget=time_budget, seed=seed, progress=not quiet)
+    out.print(res.evaluation.table())
     out.print(f"demo test Dice {res.dice:.4f}  (trained {res.seconds_train:.0f}s)")
     out.print(f"overlay: {res.overlay}")
+
+
+@app.command()
+def serve(
+    model: Path = typer.Argument(..., help="model directory written by 'medunet train'"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0 for every interface)"),
+    port: int = typer.Option(8000, help="TCP port"),
+    workers: int = typer.Option(1, help="prediction threads sharing the model (1 is best on a CPU)"),
+    max_upload_mb: float = typer.Option(512, help="largest accepted upload in MB (413 above it)"),
+    queue_size: int = typer.Option(8, help="requests that may wait for a worker (503 beyond them)"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
+    precision: str = typer.Option("auto", help="auto, fp32, bf16, fp16"),
+) -> None:
+    """Serve a web page and a REST API (docs at /docs) that segment uploaded images."""
+    from medunet.serve import run
+
+    out.print(f"serving {model} on http://{host}:{port}/ (API docs at /docs); Ctrl+C stops")
+    run(model, host=host, port=port, workers=workers, max_upload_mb=max_upload_mb,
+        queue_size=queue_size, device=device, precision=precision)
 
 
 def main() -> None:

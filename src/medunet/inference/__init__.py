@@ -1,6 +1,21 @@
-"""Sliding-window inference and the Predictor that turns files into label maps."""
+"""Inference: sliding window, test-time augmentation, ensembles, post-processing, backends."""
 
-from medunet.inference.predictor import Predictor, find_inputs
-from medunet.inference.sliding_window import gaussian_weights, sliding_window_inference
+from medunet.inference.backends import OnnxBackend, TorchBackend
+from medunet.inference.postprocess import apply_postprocessing, choose_postprocessing
+from medunet.inference.predictor import TTA_MODES, Predictor, expand_model_dirs, find_inputs, load_network
+from medunet.inference.sliding_window import gaussian_weights, sliding_window, sliding_window_inference
 
-__all__ = ["Predictor", "find_inputs", "gaussian_weights", "sliding_window_inference"]
+__all__ = [
+    "TTA_MODES",
+    "OnnxBackend",
+    "Predictor",
+    "TorchBackend",
+    "apply_postprocessing",
+    "choose_postprocessing",
+    "expand_model_dirs",
+    "find_inputs",
+    "gaussian_weights",
+    "load_network",
+    "sliding_window",
+    "sliding_window_inference",
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,14 +12,21 @@ import numpy as np
 import torch
 
 from medunet.errors import InputError
-from medunet.inference.sliding_window import probabilities_to_labels, sliding_window_inference
+from medunet.inference.backends import Backend, OnnxBackend, TorchBackend
+from medunet.inference.normalization import WindowNormalizer
+from medunet.inference.postprocess import apply_postprocessing, parse_postprocessing
+from medunet.inference.sliding_window import indices_to_labels, sliding_window
+from medunet.inference.tta import TTA_MODES, rotation_plane, tta_transforms, window_predictor
 from medunet.io import IMAGE_SUFFIXES, read_image, split_suffix, write_image
 from medunet.nets import build_network
 from medunet.planning import Plan
 from medunet.preprocessing import normalize
 from medunet.runtime import memory_format, resolve_device, resolve_precision
 
-TTA_MODES = ("none", "flip")
+__all__ = [
+    "TTA_MODES", "InputCase", "Member", "Predictor", "expand_model_dirs", "find_inputs", "load_network",
+]
+BACKENDS = ("torch", "onnx")
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
 
 
@@ -71,78 +79,201 @@ def find_inputs(inp: str | Path, n_channels: int) -> list[InputCase]:
     return [InputCase(cid, [ch[c] for c in sorted(ch)]) for cid, ch in sorted(groups.items())]
 
 
+@dataclass
+class Member:
+    """One model of an ensemble: its plan and the backend that runs it."""
+
+    plan: Plan
+    backend: Backend
+    model_dir: Path | None = None
+
+
+def expand_model_dirs(paths: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Model directories to load: a directory holding ``fold_*/`` model directories stands for
+    all of its folds (a cross-validation ensemble); any other path is one model."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    out: list[Path] = []
+    for p in map(Path, paths):
+        folds = [d for d in p.glob("fold_*") if d.is_dir() and (d / "plan.json").is_file()]
+        suffix = lambda d: (int(d.name[5:]) if d.name[5:].isdigit() else 1 << 30, d.name)  # noqa: E731
+        out.extend(sorted(folds, key=suffix) if folds else [p])
+    if not out:
+        raise InputError("no model directory given", fix="pass a directory written by 'medunet train'")
+    return out
+
+
+def load_network(model_dir: str | Path, checkpoint: str = "best") -> tuple[Plan, torch.nn.Module, Path]:
+    """``plan.json`` and the network of ``checkpoint_{best|last}.pt`` (on the CPU, eval mode).
+
+    ``best`` falls back to ``last`` (a run too short to validate has only the last one).
+    """
+    model_dir = Path(model_dir)
+    plan = Plan.load(model_dir)
+    ckpt_path = checkpoint_path(model_dir, checkpoint)
+    try:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"cannot load checkpoint ({exc})", ckpt_path) from exc
+    net = build_network(plan.dim, plan.in_channels, plan.num_classes, **_net_kwargs(plan))
+    net.load_state_dict(state["ema_model"] if state.get("ema_model") else state["model"])
+    return plan, net.eval(), ckpt_path
+
+
+def checkpoint_path(model_dir: Path, checkpoint: str = "best") -> Path:
+    """The checkpoint file a model directory offers for ``best`` / ``last``."""
+    if checkpoint not in ("best", "last"):
+        raise InputError(f"unknown checkpoint '{checkpoint}'", fix="use best or last")
+    path = model_dir / f"checkpoint_{checkpoint}.pt"
+    if not path.is_file() and checkpoint == "best":
+        path = model_dir / "checkpoint_last.pt"
+    if not path.is_file():
+        raise InputError("no checkpoint found", model_dir, "train a model first with 'medunet train'")
+    return path
+
+
 class Predictor:
-    """Load a trained model directory and segment images.
+    """Load trained model directories and segment images.
+
+    One code path serves every configuration: windows are cut from the raw image, normalised
+    on the fly, run through every model (PyTorch or ONNX Runtime) under every test-time
+    transform, averaged, Gaussian-weighted into slabs, and turned into labels that are then
+    post-processed as the plan (or the caller) says.
 
     Example:
-        >>> pred = Predictor.load("model_dir")              # doctest: +SKIP
-        >>> labels, probs = pred.predict_array(image)       # doctest: +SKIP
-        >>> pred.predict("imagesTs/", "out/")               # doctest: +SKIP
+        >>> pred = Predictor.load("model_dir")                          # doctest: +SKIP
+        >>> labels, probs = pred.predict_array(image)                   # doctest: +SKIP
+        >>> pred.predict("imagesTs/", "out/", tta="flip")               # doctest: +SKIP
+        >>> Predictor.load(["fold_0", "fold_1"], backend="onnx")        # doctest: +SKIP
     """
 
-    def __init__(self, plan: Plan, nets: Sequence[torch.nn.Module], device: torch.device,
-                 precision: str, model_dir: Path | None = None) -> None:
+    def __init__(self, plan: Plan, members: Sequence[Member] | Sequence[torch.nn.Module],
+                 device: torch.device | None = None, precision: str = "fp32",
+                 model_dir: Path | None = None, *, overlap: float | None = None,
+                 postprocessing: dict | None = None) -> None:
+        dev = device or torch.device("cpu")
+        self.members = [m if isinstance(m, Member) else
+                        Member(plan, TorchBackend(m, dev, precision), model_dir) for m in members]
+        if not self.members:
+            raise ValueError("a Predictor needs at least one model")
         self.plan = plan
-        self.nets = list(nets)
-        self.device = device
-        self.precision = precision
+        self.device = getattr(self.members[0].backend, "device", dev)
+        self.precision = getattr(self.members[0].backend, "precision", precision)
         self.model_dir = model_dir
+        self.overlap = float(plan.inference.get("overlap", 0.5) if overlap is None else overlap)
+        if not 0.0 <= self.overlap < 1.0:
+            raise InputError(f"overlap {self.overlap} is out of range", fix="use a value in [0, 1), e.g. 0.5")
+        self.postprocessing = postprocessing or None
+
+    @property
+    def nets(self) -> list[torch.nn.Module]:
+        """The PyTorch networks (empty for ONNX backends)."""
+        return [m.backend.net for m in self.members if isinstance(m.backend, TorchBackend)]
 
     @classmethod
-    def load(cls, model_dir: str | Path, checkpoint: str = "best", device: str | None = None,
-             precision: str | None = None) -> Predictor:
-        """Load ``plan.json`` and ``checkpoint_{best|last}.pt`` from a model directory."""
-        model_dir = Path(model_dir)
-        plan = Plan.load(model_dir)
-        ckpt_path = model_dir / f"checkpoint_{checkpoint}.pt"
-        if not ckpt_path.is_file() and checkpoint == "best":
-            ckpt_path = model_dir / "checkpoint_last.pt"
-        if not ckpt_path.is_file():
-            raise InputError("no checkpoint found", model_dir, "train a model first with 'medunet train'")
-        dev = resolve_device(device)
-        prec = resolve_precision(precision, dev)
-        try:
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise InputError(f"cannot load checkpoint ({exc})", ckpt_path) from exc
-        net = build_network(plan.dim, plan.in_channels, plan.num_classes, **_net_kwargs(plan))
-        net.load_state_dict(state["ema_model"] if state.get("ema_model") else state["model"])
-        return cls(plan, [_prepare(net, dev, plan.dim)], dev, prec, model_dir)
+    def load(cls, model_dir: str | Path | Sequence[str | Path], checkpoint: str = "best",
+             device: str | None = None, precision: str | None = None, *, backend: str = "torch",
+             int8: bool = False, overlap: float | None = None, postprocess: str = "auto",
+             calibration: str | Path | None = None) -> Predictor:
+        """Load one model directory, several (an ensemble), or a directory of ``fold_*/`` models.
+
+        Args:
+            backend: ``torch`` or ``onnx`` (ONNX Runtime on the CPU; exports the model into
+                ``MODEL/export/`` first when there is no up-to-date export).
+            int8: with ``onnx``, the statically quantised int8 model (calibrated on
+                ``calibration`` images, by default the model's validation inputs).
+            overlap: sliding-window overlap (default: the plan's, 0.5).
+            postprocess: ``auto`` (the choice stored in the first model's plan), ``none``, or
+                steps such as ``largest_component,1:fill_holes`` (see
+                :func:`medunet.inference.postprocess.parse_postprocessing`).
+        """
+        if backend not in BACKENDS:
+            raise InputError(f"unknown backend '{backend}'", fix=f"use {' or '.join(BACKENDS)}")
+        if int8 and backend != "onnx":
+            raise InputError("int8 needs the ONNX backend", fix="add --backend onnx")
+        given = [model_dir] if isinstance(model_dir, (str, Path)) else list(model_dir)
+        dirs = expand_model_dirs(given)
+        dev = resolve_device(device) if backend == "torch" else torch.device("cpu")
+        prec = resolve_precision(precision, dev) if backend == "torch" else "fp32"
+        members = []
+        for d in dirs:
+            if backend == "torch":
+                plan, net, _ = load_network(d, checkpoint)
+                members.append(Member(plan, TorchBackend(_prepare(net, dev, plan.dim), dev, prec), d))
+            else:
+                from medunet.export import ensure_onnx
+
+                plan = Plan.load(d)
+                path = ensure_onnx(d, checkpoint=checkpoint, int8=int8, calibration=calibration)
+                members.append(Member(plan, OnnxBackend(path), d))
+        _check_compatible(members)
+        primary = members[0].plan
+        if postprocess == "auto":
+            choice = _stored_postprocessing(Path(given[0])) or primary.inference.get("postprocessing")
+        elif postprocess in ("none", ""):
+            choice = None
+        else:
+            choice = parse_postprocessing(postprocess, primary.label_values)
+        return cls(primary, members, dev, prec, dirs[0], overlap=overlap, postprocessing=choice)
+
+    def _groups(self) -> list[tuple[Plan, list[Backend]]]:
+        """Members that share patch size and normalisation run in one sliding-window pass."""
+        groups: dict[str, tuple[Plan, list[Backend]]] = {}
+        for m in self.members:
+            key = json.dumps([m.plan.patch_size, m.plan.normalization], sort_keys=True)
+            groups.setdefault(key, (m.plan, []))[1].append(m.backend)
+        return list(groups.values())
 
     @torch.inference_mode()
-    def predict_probabilities(self, image: np.ndarray, tta: str = "none") -> torch.Tensor:
-        """Class probabilities ``(K, *S)`` for a raw channel-first image (normalised here).
+    def _run(self, image: np.ndarray, tta: str, probabilities: bool, labels: bool,
+             ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        plan = self.plan
+        transforms = tta_transforms(tta, plan.dim, rotation_plane(plan.spacing, plan.dim))
+        k = plan.num_classes
+        groups = self._groups()
+        total: torch.Tensor | None = None
+        for gplan, backends in groups:
+            try:
+                prepare, source = WindowNormalizer(image, gplan.normalization), image
+            except ValueError:  # a scheme it does not know: normalise the whole image up front
+                prepare, source = None, normalize(image, gplan.normalization)
+            probs, idx = sliding_window(
+                window_predictor(backends, transforms), source, gplan.patch_size, k,
+                overlap=self.overlap, batch_size=max(1, gplan.batch_size),
+                sigma_scale=gplan.inference.get("sigma_scale", 0.125), prepare=prepare,
+                probabilities=probabilities or len(groups) > 1, labels=labels and len(groups) == 1)
+            if len(groups) == 1:
+                return probs, idx
+            assert probs is not None
+            probs *= len(backends)
+            total = probs if total is None else total.add_(probs)
+        assert total is not None
+        total /= len(self.members)
+        idx = total.argmax(0).to(torch.uint8 if k <= 256 else torch.int16) if labels else None
+        return (total if probabilities else None), idx
 
-        ``tta="flip"`` averages the predictions of every combination of mirrored spatial axes
-        (4 passes in 2D, 8 in 3D); each model of an ensemble is averaged the same way.
+    def predict_probabilities(self, image: np.ndarray, tta: str = "none") -> torch.Tensor:
+        """Class probabilities ``(K, *S)`` (float32) for a raw channel-first image.
+
+        ``tta``: ``none``; ``flip`` averages every combination of mirrored spatial axes (4
+        passes in 2D, 8 in 3D); ``full`` adds +-10 degree in-plane rotations. Every model of an
+        ensemble is averaged the same way.
         """
         self._check_image(image)
-        if tta not in TTA_MODES:
-            raise InputError(f"unknown test-time augmentation '{tta}'", fix=f"use {', '.join(TTA_MODES)}")
-        x = torch.from_numpy(normalize(image, self.plan.normalization))
-        nsp = x.ndim - 1
-        flips = [()] if tta == "none" else [
-            tuple(a for a in range(nsp) if mask >> a & 1) for mask in range(2**nsp)]
-        inf = self.plan.inference
-        total = None
-        for net in self.nets:
-            for axes in flips:
-                xi = torch.flip(x, [1 + a for a in axes]) if axes else x
-                p = sliding_window_inference(
-                    net, xi, self.plan.patch_size, self.plan.num_classes,
-                    overlap=inf.get("overlap", 0.5), batch_size=max(1, self.plan.batch_size),
-                    sigma_scale=inf.get("sigma_scale", 0.125), precision=self.precision,
-                    device=self.device)
-                if axes:
-                    p = torch.flip(p, [1 + a for a in axes])
-                total = p if total is None else total + p
-        assert total is not None
-        return total / (len(self.nets) * len(flips))
+        probs, _ = self._run(image, tta, probabilities=True, labels=False)
+        assert probs is not None
+        return probs
 
-    def predict_array(self, image: np.ndarray, tta: str = "none") -> tuple[np.ndarray, np.ndarray]:
-        """Label map (raw label values, spatial shape) and probabilities for one image."""
-        probs = self.predict_probabilities(image, tta=tta)
-        return probabilities_to_labels(probs, self.plan.label_values), probs.numpy()
+    def predict_array(self, image: np.ndarray, tta: str = "none", probabilities: bool = True,
+                      ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Post-processed label map (raw label values) and, unless ``probabilities=False``
+        (which saves a ``K x image`` float32 array), the probabilities before post-processing."""
+        self._check_image(image)
+        probs, idx = self._run(image, tta, probabilities=probabilities, labels=True)
+        assert idx is not None
+        labels = indices_to_labels(idx, self.plan.label_values)
+        labels = apply_postprocessing(labels, self.postprocessing, int(self.plan.label_values[0]))
+        return labels, (probs.numpy() if probs is not None else None)
 
     def _check_image(self, image: np.ndarray, path: Path | None = None) -> None:
         if image.ndim - 1 != self.plan.dim:
@@ -156,8 +287,9 @@ class Predictor:
                 "give every channel (CASE_0000, CASE_0001, ...) or the right colour mode")
 
     def predict_case(self, case: InputCase, out_dir: Path, save_probabilities: bool = False,
-                     tta: str = "none") -> Path:
-        """Predict one case from its files and write ``{case_id}{ext}`` into ``out_dir``."""
+                     tta: str = "none", overlay: bool = False) -> Path:
+        """Predict one case from its files and write ``{case_id}{ext}`` into ``out_dir``
+        (and, with ``overlay``, ``overlays/{case_id}.png`` beside it)."""
         arrays, geom = [], None
         for p in case.paths:
             arr, g = read_image(p)
@@ -165,20 +297,27 @@ class Predictor:
             arrays.append(arr)
         if len({a.shape[1:] for a in arrays}) > 1:
             raise InputError("channel files differ in size", case.paths[0])
-        image = np.concatenate(arrays, axis=0)
+        image = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+        del arrays
         self._check_image(image, case.paths[0])
-        labels, probs = self.predict_array(image, tta=tta)
+        labels, probs = self.predict_array(image, tta=tta, probabilities=save_probabilities)
         suffix = split_suffix(case.paths[0])[1].lower()
         if suffix in (".jpg", ".jpeg"):
             suffix = ".png"  # a lossy format would corrupt label values
         out = write_image(out_dir / f"{case.case_id}{suffix}", labels, geom)
-        if save_probabilities:
+        if save_probabilities and probs is not None:
             _save_npz(out_dir / f"{case.case_id}.npz", probs)
+        if overlay:
+            from medunet.inference.overlay import write_overlay
+
+            write_overlay(image, labels, out_dir / "overlays" / f"{case.case_id}.png",
+                          self.plan.label_values, geom.spacing if geom else None, title=case.case_id)
         return out
 
     def predict(self, inputs: str | Path, out_dir: str | Path, save_probabilities: bool = False,
-                progress: bool = True, tta: str = "none") -> list[Path]:
+                progress: bool = True, tta: str = "none", overlay: bool = False) -> list[Path]:
         """Predict a file or a folder; returns the written label files."""
+        tta_transforms(tta, self.plan.dim)  # a bad mode fails before any file is read
         out_dir = Path(out_dir)
         cases = find_inputs(inputs, self.plan.in_channels)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -188,9 +327,31 @@ class Predictor:
         with Progress(disable=not progress, transient=True) as bar:
             task = bar.add_task("predicting", total=len(cases))
             for case in cases:
-                written.append(self.predict_case(case, out_dir, save_probabilities, tta))
+                written.append(self.predict_case(case, out_dir, save_probabilities, tta, overlay))
                 bar.advance(task)
         return written
+
+
+def _check_compatible(members: list[Member]) -> None:
+    """Ensemble members must predict the same thing from the same input."""
+    first = members[0]
+    for m in members[1:]:
+        for attr in ("dim", "in_channels", "label_values"):
+            a, b = getattr(first.plan, attr), getattr(m.plan, attr)
+            if a != b:
+                raise InputError(f"models disagree on {attr} ({a} in {first.model_dir}, {b} here)",
+                                 m.model_dir, "ensemble only models trained on the same kind of data")
+
+
+def _stored_postprocessing(path: Path) -> dict | None:
+    """A choice stored in the plan of a ``fold_*`` parent directory (the ensemble's own)."""
+    plan = path / "plan.json"
+    if not path.is_dir() or not plan.is_file() or not any(path.glob("fold_*")):
+        return None
+    try:
+        return Plan.load(plan).inference.get("postprocessing")
+    except InputError:
+        return None
 
 
 def _save_npz(path: Path, probs: np.ndarray) -> None:

@@ -378,17 +378,33 @@ def train(data: str | Path, model_dir: str | Path, *, epochs: int | None = None,
 
 def validation_report(model_dir: Path, dataset: Dataset, case_ids: list[str],
                       device: str | None = None, precision: str | None = None) -> Path:
-    """Predict the validation cases with the best checkpoint and score them with a report."""
+    """Predict the validation cases with the best checkpoint and score them with a report.
+
+    Post-processing is chosen here, on these predictions against their labels (a step is kept
+    for a class only where it raised the validation Dice), stored in ``plan.json`` under
+    ``inference.postprocessing`` for ``predict`` to apply, and applied before scoring.
+    """
     from medunet.evaluation import evaluate
-    from medunet.inference import Predictor
+    from medunet.inference import Predictor, apply_postprocessing, choose_postprocessing
     from medunet.inference.predictor import InputCase
+    from medunet.io import read_image, read_label, write_image
 
     out = model_dir / "validation"
     out.mkdir(exist_ok=True)
-    predictor = Predictor.load(model_dir, device=device, precision=precision)
+    predictor = Predictor.load(model_dir, device=device, precision=precision, postprocess="none")
     by_id = {c.case_id: c for c in dataset.train}
-    for cid in case_ids:
-        predictor.predict_case(InputCase(cid, by_id[cid].image_paths), out)
+    written = [predictor.predict_case(InputCase(cid, by_id[cid].image_paths), out) for cid in case_ids]
+    preds = [read_label(p)[0] for p in written]
+    refs = [read_label(by_id[cid].label_path)[0] for cid in case_ids]
+    choice = choose_postprocessing(preds, refs, predictor.plan.label_values)
+    plan = Plan.load(model_dir)
+    plan.inference["postprocessing"] = choice
+    plan.save(model_dir / "plan.json")
+    if choice["classes"]:
+        background = int(plan.label_values[0])
+        for path, pred in zip(written, preds, strict=True):
+            _, geom = read_image(path)
+            write_image(path, apply_postprocessing(pred, choice, background), geom)
     first = by_id[case_ids[0]]
     evaluate(out, first.label_path.parent, labels=[v for v in dataset.label_values if v != 0],
              json_path=out / "scores.json", report=out / "report.html", model_dir=model_dir,

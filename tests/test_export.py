@@ -1,0 +1,156 @@
+"""Export: ONNX (dynamic sizes, int8) and TorchScript against PyTorch; the ONNX backend of predict;
+post-processing chosen at the end of training."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from medunet.cli import app
+from medunet.datasets.synthetic import make_synthetic_dataset
+from medunet.errors import InputError
+from medunet.export import default_export_path, ensure_onnx, export_model
+from medunet.inference import OnnxBackend, Predictor, load_network
+from medunet.io import Geometry, read_image, write_image
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2D model trained for 2 x 3 iterations, with its validation report (and data)."""
+    from medunet.training import train
+
+    root = tmp_path_factory.mktemp("export")
+    data = make_synthetic_dataset(root / "data", n_train=4, n_test=1, shape=(32, 32), seed=2)
+    model = root / "model"
+    train(data, model, epochs=2, overrides={"training.iterations_per_epoch": 3}, progress=False,
+          precision="fp32")
+    return data, model
+
+
+def test_training_stores_the_postprocessing_choice(trained):
+    _, model = trained
+    plan = json.loads((model / "plan.json").read_text())
+    choice = plan["inference"]["postprocessing"]
+    assert choice["source"] == "validation" and choice["cases"] == 1
+    assert set(choice["validation_dice"]) == {"1"}
+    d = choice["validation_dice"]["1"]
+    assert d["chosen"] >= d["none"]
+    assert (set(choice["classes"]) == {"1"}) == (d["chosen"] > d["none"])
+
+
+def test_onnx_export_matches_pytorch_on_an_untraced_size(trained):
+    _, model = trained
+    res = export_model(model, "onnx")
+    assert res.path == default_export_path(model) and res.path.is_file()
+    check = res.check["random"]
+    assert check["input_shape"][0] == 2 and check["input_shape"][2:] != [32, 32]
+    assert check["max_abs_diff"] < 1e-4 and check["mask_agreement"] > 0.999
+    stored = json.loads((model / "export" / "export_check.json").read_text())
+    assert stored["model.onnx"]["random"]["max_abs_diff"] == check["max_abs_diff"]
+    # any other batch and size runs too (the graph pads to the divisor itself)
+    plan, net, _ = load_network(model)
+    backend = OnnxBackend(res.path)
+    x = torch.randn(3, 1, 19, 45)
+    with torch.no_grad():
+        torch.testing.assert_close(backend(x), net(x), atol=1e-4, rtol=1e-4)
+    assert ensure_onnx(model) == res.path  # up to date: not exported again
+    mtime = res.path.stat().st_mtime_ns
+    assert ensure_onnx(model).stat().st_mtime_ns == mtime
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_torchscript_export(trained):
+    _, model = trained
+    out = model.parent / "elsewhere" / "net.pt"
+    res = export_model(model, "torchscript", output=out)
+    assert res.path == out and out.is_file()
+    assert res.check["random"]["max_abs_diff"] < 1e-5
+    x = torch.randn(1, 1, 27, 30)
+    assert torch.jit.load(str(out))(x).shape == (1, 2, 27, 30)
+    assert "net.pt" in json.loads((model / "export" / "export_check.json").read_text())
+
+
+def test_int8_export_runs_and_masks_mostly_agree(trained):
+    data, model = trained
+    res = export_model(model, "onnx", int8=True)  # calibrates on the validation inputs
+    assert res.path.name == "model_int8.onnx"
+    cal = res.check["calibration"]
+    assert cal["patches"] >= 1 and cal["mask_agreement"] > 0.9
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(res.path)).graph.node}
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    res2 = export_model(model, "onnx", int8=True, calibration=data / "imagesTs",
+                        output=model / "export" / "cal.onnx")
+    assert res2.check["calibration"]["mask_agreement"] > 0.9
+    with pytest.raises(InputError, match="calibration images not found"):
+        export_model(model, "onnx", int8=True, calibration=model / "nowhere")
+    with pytest.raises(InputError, match="int8 quantisation is for ONNX"):
+        export_model(model, "torchscript", int8=True)
+
+
+def test_onnx_backend_predict_writes_the_same_labels_as_torch(trained, tmp_path):
+    data, model = trained
+    outs = {}
+    for backend in ("torch", "onnx"):
+        out = tmp_path / backend
+        r = runner.invoke(app, ["predict", str(model), str(data / "imagesTs"), "-o", str(out),
+                                "--backend", backend, "--precision", "fp32", "--tta", "flip", "--quiet"])
+        assert r.exit_code == 0, r.output
+        outs[backend] = read_image(out / "synth_ts000.png")[0]
+    assert (outs["torch"] != outs["onnx"]).sum() <= 3
+    r = runner.invoke(app, ["predict", str(model), str(data / "imagesTs"), "-o", str(tmp_path / "q"),
+                            "--backend", "onnx", "--int8", "--quiet"])
+    assert r.exit_code == 0, r.output
+    q = read_image(tmp_path / "q" / "synth_ts000.png")[0]
+    assert (q == outs["torch"]).mean() > 0.9
+
+
+def test_cli_export_and_errors(trained, tmp_path):
+    _, model = trained
+    r = runner.invoke(app, ["export", str(model), "--format", "onnx", "-o", str(tmp_path / "m.onnx")])
+    assert r.exit_code == 0, r.output
+    assert "mask agreement" in r.output and (tmp_path / "m.onnx").is_file()
+    r = runner.invoke(app, ["export", str(model), "--format", "tflite"])
+    assert isinstance(r.exception, InputError) and "unknown export format" in str(r.exception)
+
+
+def _random_model_dir(tmp_path, dims):
+    """An untrained model directory (no validation/): enough for exports of another dimension."""
+    from medunet.nets import build_network
+    from medunet.planning import Plan
+
+    plan = Plan(dataset_name="t", dim=dims, in_channels=1, channel_names=["MRI"], label_names=["bg", "fg"],
+                label_values=[0, 1], spacing=[1.0] * dims, median_shape=[16] * dims,
+                normalization=[{"scheme": "zscore"}], patch_size=[16, 16, 8][:dims], batch_size=2,
+                network={"preset": "default", "features": [4, 8, 16], "strides": [2, 2]},
+                inference={"overlap": 0.5})
+    model = tmp_path / "model"
+    plan.save(model / "plan.json")
+    net = build_network(dims, 1, 2, "default", features=[4, 8, 16], strides=[2, 2])
+    torch.save({"model": net.state_dict(), "ema_model": None}, model / "checkpoint_last.pt")
+    return model
+
+
+def test_3d_onnx_export_and_int8_needs_a_calibration_source(tmp_path):
+    model = _random_model_dir(tmp_path, 3)
+    res = export_model(model, "onnx")
+    assert res.check["random"]["input_shape"] == [2, 1, 13, 13, 5]
+    assert res.check["random"]["max_abs_diff"] < 1e-4
+    with pytest.raises(InputError, match="needs calibration images"):
+        export_model(model, "onnx", int8=True)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        vol = rng.normal(size=(1, 20, 18, 9)).astype(np.float32)
+        write_image(tmp_path / "cal" / f"c{i}_0000.nii.gz", vol, Geometry.identity(3))
+    res = export_model(model, "onnx", int8=True, calibration=tmp_path / "cal")
+    assert res.check["calibration"]["patches"] >= 2
+    pred = Predictor.load(model, backend="onnx", int8=True)
+    labels, _ = pred.predict_array(rng.normal(size=(1, 21, 17, 10)).astype(np.float32), probabilities=False)
+    assert labels.shape == (21, 17, 10)

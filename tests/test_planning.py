@@ -59,7 +59,6 @@ def test_plan_rgb_normalisation(tmp_path):
     plan = _plan(root)
     assert [n["scheme"] for n in plan.normalization] == ["rgb"] * 3
     # mean/std are those of the foreground pixels scaled to [0, 1]
-    img0 = rng  # noqa: F841 (documentation: the statistics come from both cases)
     sch = plan.normalization[0]
     assert 0.3 < sch["mean"] < 0.7 and 0.2 < sch["std"] < 0.4
 
@@ -96,3 +95,15 @@ def test_plan_json_round_trip_and_override(tmp_path):
 def test_geometry_affine_from_fields():
     g = Geometry(spacing=(2.0, 3.0), origin=(1.0, -1.0))
     np.testing.assert_allclose(g.affine_matrix, [[2, 0, 1], [0, 3, -1], [0, 0, 1]])
+
+
+def test_bad_preset_or_network_setting_is_an_input_error(tmp_path):
+    make_synthetic_dataset(tmp_path / "d", n_train=2, n_test=0, shape=(32, 32))
+    ds = find_dataset(tmp_path / "d")
+    fp = fingerprint_dataset(ds, validate_dataset(ds))
+    with pytest.raises(InputError, match="unknown network preset 'huge'"):
+        make_plan(ds, fp, preset="huge")
+    plan = make_plan(ds, fp)
+    assert plan.build_network().spatial_dims == 2
+    with pytest.raises(InputError, match="invalid network settings"):
+        plan.override({"network.norm": "sparkly"}).build_network()

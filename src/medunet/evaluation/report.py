@@ -82,18 +82,12 @@ def _esc(x: object) -> str:
 
 # --------------------------------------------------------------------------- sections
 def _summary_table(res: EvaluationResult) -> str:
-    unit = res.meta.get("distance_units", "")
-    ndim = len(next(iter(res.meta.get("spacing", {}).values()), [])) or 2
     head = "".join(
         f"<th>label {lab}<br>mean ± std</th><th>label {lab}<br>pooled</th>" for lab in res.labels
     )
     rows = []
     for m in res.metrics:
-        name = f"{m} ({unit})" if m in ("hd95", "hd", "assd") else m
-        if m in ("vol_gt", "vol_pred", "volume_diff"):
-            name = f"{m} ({unit}^{ndim})"
-        elif m == "nsd":
-            name = f"nsd @ {res.meta.get('tolerance', 1.0):g} {unit}"
+        name = res.metric_label(m)
         cells = []
         for lab in res.labels:
             s = res.summary["mean"][str(lab)][m]
@@ -114,7 +108,6 @@ def _box_plots(res: EvaluationResult) -> str:
     fig = _new_figure(3.0 * ncol, 2.6 * nrow)
     axes = fig.subplots(nrow, ncol, squeeze=False).ravel()
     rng = np.random.default_rng(0)
-    unit = res.meta.get("distance_units", "")
     for ax, m in zip(axes, metrics, strict=False):
         data, names = [], []
         for lab in res.labels:
@@ -133,8 +126,7 @@ def _box_plots(res: EvaluationResult) -> str:
                            color="#1f77b4", zorder=3)
         else:
             ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes)
-        title = f"{m} ({unit})" if m in ("hd95", "assd") else m
-        ax.set_title(title, fontsize=10)
+        ax.set_title(res.metric_label(m), fontsize=10)
         ax.set_xlabel("label", fontsize=8)
         ax.tick_params(labelsize=8)
         ax.grid(axis="y", alpha=0.3)

@@ -134,12 +134,23 @@ class EvaluationResult:
                 w.writerow([c["case"], lab, *(_csv_value(row.get(k)) for k in cols)])
         return _atomic_write_text(path, buf.getvalue())
 
+    def metric_label(self, metric: str) -> str:
+        """Display name with its unit: distances in the spacing's unit, volumes in unit^ndim,
+        NSD with its tolerance; shared by the terminal table and the HTML report."""
+        unit = self.meta.get("distance_units", "")
+        if metric == "nsd":
+            return f"nsd @ {self.meta.get('tolerance', 1.0):g} {unit}".rstrip()
+        if metric not in _UNIT_METRICS or not unit:
+            return metric
+        if metric in ("vol_gt", "vol_pred", "volume_diff"):
+            ndim = len(next(iter(self.meta.get("spacing", {}).values()), [])) or 2
+            return f"{metric} ({unit}^{ndim})"
+        return f"{metric} ({unit})"
+
     def table(self):
         """A rich ``Table``: one row per metric, mean +- std and pooled value per label."""
         from rich.table import Table
 
-        unit = self.meta.get("distance_units", "")
-        ndim = len(next(iter(self.meta.get("spacing", {}).values()), [])) or 2
         t = Table(
             title=f"Evaluation of {len(self.cases)} case(s)",
             caption=self._nan_caption() or None,
@@ -152,11 +163,7 @@ class EvaluationResult:
         for m in self.metrics:
             if m in _TABLE_SKIP:
                 continue
-            name = f"{m} ({unit})" if m in _UNIT_METRICS and unit else m
-            if m == "volume_diff" and unit:
-                name = f"{m} ({unit}^{ndim})"
-            if m == "nsd":
-                name = f"nsd @ {self.meta.get('tolerance', 1.0):g} {unit}"
+            name = self.metric_label(m)
             cells = []
             for lab in self.labels:
                 s = self.summary["mean"][str(lab)][m]

@@ -18,7 +18,6 @@ from medunet.inference.postprocess import apply_postprocessing, parse_postproces
 from medunet.inference.sliding_window import indices_to_labels, sliding_window
 from medunet.inference.tta import TTA_MODES, rotation_plane, tta_transforms, window_predictor
 from medunet.io import IMAGE_SUFFIXES, read_image, split_suffix, write_image
-from medunet.nets import build_network
 from medunet.planning import Plan
 from medunet.preprocessing import normalize
 from medunet.runtime import memory_format, resolve_device, resolve_precision
@@ -115,7 +114,7 @@ def load_network(model_dir: str | Path, checkpoint: str = "best") -> tuple[Plan,
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise InputError(f"cannot load checkpoint ({exc})", ckpt_path) from exc
-    net = build_network(plan.dim, plan.in_channels, plan.num_classes, **_net_kwargs(plan))
+    net = plan.build_network()
     net.load_state_dict(state["ema_model"] if state.get("ema_model") else state["model"])
     return plan, net.eval(), ckpt_path
 
@@ -366,12 +365,6 @@ def _save_npz(path: Path, probs: np.ndarray) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def _net_kwargs(plan: Plan) -> dict:
-    net = dict(plan.network)
-    preset = net.pop("preset", "default")
-    return {"preset": preset, **net}
 
 
 def _prepare(net: torch.nn.Module, device: torch.device, dim: int) -> torch.nn.Module:

@@ -84,6 +84,19 @@ class Plan:
         except (json.JSONDecodeError, TypeError) as exc:
             raise InputError(f"invalid plan ({exc})", path) from exc
 
+    def build_network(self):
+        """The plan's U-Net (untrained). The one place a plan becomes a network, so training,
+        inference and export agree; a bad preset or option is a one-line error on plan.json."""
+        from medunet.nets import build_network
+
+        net = dict(self.network)
+        preset = net.pop("preset", "default")
+        try:
+            return build_network(self.dim, self.in_channels, self.num_classes, preset=preset, **net)
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"invalid network settings ({exc})", "plan.json",
+                             "fix the 'network' fields (or --set network.*)") from exc
+
     def override(self, assignments: dict[str, object]) -> Plan:
         """Set fields by dotted name (``patch_size``, ``training.lr``, ``network.features``)."""
         d = self.to_dict()
@@ -201,6 +214,8 @@ def make_plan(dataset: Dataset, fingerprint: dict, preset: str = "default") -> P
     from medunet.nets import PRESETS
 
     dim = len(fingerprint["median_shape"])
+    if preset not in PRESETS:
+        raise InputError(f"unknown network preset '{preset}'", fix=f"use one of {', '.join(PRESETS)}")
     net = dict(PRESETS[preset])
     max_levels = len(net["features"]) - 1
     patch, strides = _patch_and_strides(fingerprint["median_shape"], fingerprint["median_spacing"],

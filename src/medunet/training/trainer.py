@@ -20,7 +20,6 @@ from medunet.augment import flip_rot90
 from medunet.datasets import Case, Dataset, find_dataset, load_case, validate_dataset
 from medunet.errors import InputError
 from medunet.inference.sliding_window import sliding_window_inference
-from medunet.nets import build_network
 from medunet.planning import Plan, fingerprint_dataset, make_plan
 from medunet.preprocessing import normalize
 from medunet.runtime import autocast, memory_format, resolve_device, resolve_precision
@@ -335,10 +334,7 @@ def train(data: str | Path, model_dir: str | Path, *, epochs: int | None = None,
     val_img, val_lab = _load([by_id[i] for i in split["val"]], dataset, plan)
 
     torch.manual_seed(seed)
-    net = build_network(plan.dim, plan.in_channels, plan.num_classes,
-                        **{"preset": plan.network.get("preset", "default"),
-                           **{k: v for k, v in plan.network.items() if k != "preset"}})
-    net = net.to(dev).to(memory_format=memory_format(plan.dim))
+    net = plan.build_network().to(dev).to(memory_format=memory_format(plan.dim))
     t = plan.training
     optimizer = torch.optim.AdamW(net.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
     aug_gen = torch.Generator().manual_seed(seed)

@@ -356,3 +356,114 @@ def test_overlay_2d_rgb(tmp_path):
     path = write_overlay(img, lab, tmp_path / "o.png", [0, 255])
     arr, _ = read_image(path)
     assert arr.shape[0] in (3, 4) and arr.shape[1] > 100
+
+
+# ---------------------------------------------------------------- crop + resample at inference
+
+
+class _SignNet(torch.nn.Module):
+    """Logits ``[-x, x]``: class 1 exactly where the (unnormalised) image is positive."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([-x, x], dim=1)
+
+
+def _geometry_plan(**preprocessing) -> Plan:
+    prep = {"crop_nonzero": True, "resample": True, "image_order": 3, "label_mode": "nearest",
+            "separate_z": 2, **preprocessing}
+    return Plan(dataset_name="t", dim=3, in_channels=1, channel_names=["MRI"], label_names=["bg", "box"],
+                label_values=[0, 1], spacing=[1.0, 1.0, 1.5], median_shape=[24, 24, 16],
+                normalization=[{"scheme": "none"}], patch_size=[24, 24, 16], batch_size=2,
+                network={"preset": "default"}, inference={"overlap": 0.5}, preprocessing=prep)
+
+
+def _box_volume() -> tuple[np.ndarray, np.ndarray]:
+    """A body of -1 inside a zero margin (cropped away) holding a box of +1 (the object)."""
+    vol = np.zeros((40, 36, 12), np.float32)
+    vol[4:36, 3:33, 1:11] = -1.0
+    box = np.zeros(vol.shape, np.uint8)
+    box[12:28, 10:26, 3:9] = 1
+    vol[box == 1] = 1.0
+    return vol, box
+
+
+def _check_box(pred: np.ndarray, box: np.ndarray) -> None:
+    from scipy import ndimage
+
+    inside = ndimage.binary_erosion(box == 1)
+    outside = ~ndimage.binary_dilation(box == 1)
+    assert pred[inside].min() == 1 and pred[outside].max() == 0  # exact away from the boundary
+    dice = 2 * np.sum((pred == 1) & (box == 1)) / (np.sum(pred == 1) + np.sum(box == 1))
+    assert dice >= 0.97, dice
+
+
+def test_predictor_crops_resamples_and_reverts_nifti(tmp_path):
+    vol, box = _box_volume()
+    spacing = np.array([0.7, 0.9, 3.0])
+    c, s = np.cos(0.5), np.sin(0.5)
+    tilt = np.array([[1, 0, 0], [0, 0.6, -0.8], [0, 0.8, 0.6]])
+    rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]]) @ tilt
+    affine = np.eye(4)
+    affine[:3, :3] = rot * spacing
+    affine[:3, 3] = [12.0, -30.0, 7.5]
+    src = tmp_path / "in" / "rot_0000.nii.gz"
+    src.parent.mkdir()
+    nib.save(nib.Nifti1Image(vol, affine), str(src))
+    pred = Predictor(_geometry_plan(), [_SignNet()])
+    image, geom = read_image(src)
+    work, info = pred._prepare(image, geom.spacing)
+    assert info is not None and info.bbox == [[4, 36], [3, 33], [1, 11]]
+    assert work.shape == (1, 22, 27, 20)  # the crop at the plan's spacing (1, 1, 1.5)
+
+    written = pred.predict(src.parent, tmp_path / "out", save_probabilities=True, progress=False)
+    out = nib.load(str(written[0]))
+    assert out.shape == vol.shape
+    assert np.allclose(out.affine, nib.load(str(src)).affine)
+    labels = np.asarray(out.dataobj)
+    _check_box(labels, box)
+    probs = np.load(tmp_path / "out" / "rot.npz")["probabilities"]
+    assert probs.shape == (2, *vol.shape)
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+    assert probs[0, 0, 0, 0] == 1.0  # outside the crop box: background
+    np.testing.assert_array_equal(labels, probs.argmax(0))
+    # labels only (classes reverted one at a time) gives the same map
+    only, none = pred.predict_array(image, probabilities=False, spacing=geom.spacing)
+    assert none is None
+    np.testing.assert_array_equal(only, labels)
+
+
+def test_predictor_reverts_nrrd_geometry(tmp_path):
+    import SimpleITK as sitk
+
+    vol, box = _box_volume()
+    img = sitk.GetImageFromArray(np.transpose(vol, (2, 1, 0)))  # (x, y, z) -> ITK's (z, y, x)
+    img.SetSpacing((0.7, 0.9, 3.0))
+    img.SetOrigin((-40.0, 25.0, 110.0))
+    c, s = np.cos(0.3), np.sin(0.3)
+    img.SetDirection(tuple(np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]]).ravel()))
+    src = tmp_path / "vol.nrrd"
+    sitk.WriteImage(img, str(src))
+    pred = Predictor(_geometry_plan(), [_SignNet()])
+    out = pred.predict(src, tmp_path / "out", progress=False)[0]
+    assert out.name == "vol.nrrd"
+    res = sitk.ReadImage(str(out))
+    assert res.GetSize() == img.GetSize()
+    np.testing.assert_allclose(res.GetSpacing(), img.GetSpacing())
+    np.testing.assert_allclose(res.GetOrigin(), img.GetOrigin())
+    np.testing.assert_allclose(res.GetDirection(), img.GetDirection())
+    _check_box(np.transpose(sitk.GetArrayFromImage(res), (2, 1, 0)), box)
+
+
+def test_predictor_plain_path_when_nothing_changes():
+    vol, box = _box_volume()
+    image = vol[None]
+    pred = Predictor(_geometry_plan(crop_nonzero=False), [_SignNet()])
+    work, info = pred._prepare(image, (1.0, 1.005, 1.5))  # within 1 % of the plan's spacing
+    assert info is None and work is image
+    assert pred._prepare(image, None)[1] is None  # no spacing given: already at the plan's
+    labels, _ = pred.predict_array(image, probabilities=False)
+    np.testing.assert_array_equal(labels, box)
+    # an old plan (no preprocessing field) never crops or resamples
+    old = _geometry_plan()
+    old.preprocessing = {}
+    assert Predictor(old, [_SignNet()])._prepare(image, (0.7, 0.9, 3.0))[1] is None

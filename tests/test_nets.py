@@ -301,3 +301,76 @@ def test_wrong_input_rank_is_a_clear_error() -> None:
 def test_group_norm_with_any_width() -> None:
     net = UNet(2, 1, 2, features=(12, 20), norm="group")
     assert net(torch.zeros(1, 1, 9, 9)).shape == (1, 2, 9, 9)
+
+
+# --------------------------------------------------------------------------- per-level kernels
+
+
+class TestSliceKernels3D(NetTester):
+    """The 2d configuration of 3D data: [1, 3, 3] kernels and [1, 2, 2] strides on every level."""
+
+    dims = 3
+    overrides = {"features": [8, 16, 32], "strides": [[1, 2, 2], [1, 2, 2]],
+                 "kernel_sizes": [[1, 3, 3]] * 3}
+    input_size = (3, 23, 19)
+
+    def test_slices_are_independent(self) -> None:
+        net = self.build().eval()
+        x = self.sample()
+        y = x.clone()
+        y[:, :, 2] += 5 * torch.randn_like(y[:, :, 2])  # perturb slice 2 only
+        with torch.no_grad():
+            a, b = net(x), net(y)
+        assert torch.equal(a[:, :, :2], b[:, :, :2])
+        assert not torch.allclose(a[:, :, 2], b[:, :, 2])
+        assert net.divisor == (1, 4, 4)
+
+    def test_equals_a_2d_unet_slice_by_slice(self) -> None:
+        """Reference: a 2D U-Net with the same weights (kernel axis of size 1 squeezed)."""
+        net3 = self.build().eval()
+        net2 = build_network(2, self.in_channels, self.out_channels, "default",
+                             features=[8, 16, 32], strides=[2, 2]).eval()
+        state = {k: (v.squeeze(2) if v.ndim == 5 else v) for k, v in net3.state_dict().items()}
+        net2.load_state_dict(state)
+        x = self.sample()
+        with torch.no_grad():
+            out3 = net3(x)
+            for d in range(x.shape[2]):
+                torch.testing.assert_close(out3[:, :, d], net2(x[:, :, d]), rtol=1e-4, atol=1e-5)
+
+    def test_layers_have_the_kernels(self) -> None:
+        net = self.build()
+        convs = [m for m in net.encoders.modules() if isinstance(m, nn.Conv3d)]
+        assert convs and all(m.kernel_size == (1, 3, 3) and m.padding == (0, 1, 1) for m in convs)
+
+
+# parameter counts and a digest of the state-dict keys and shapes of the nets as built before
+# per-level kernels existed: old checkpoints must keep loading
+_OLD_NETS = [
+    (2, "default", {}, 1942306, "86aa55b45d155bc8"),
+    (3, "default", {}, 5646402, "5c9bbc8c2c00b125"),
+    (3, "large", {}, 17241410, "6b088e065bdeb7d7"),
+    (3, "default", {"strides": [[1, 2, 2], [2, 2, 2], [2, 2, 1], [2, 2, 2]], "residual": True,
+                    "deep_supervision": True}, None, "713a8b900a39e841"),
+]
+
+
+@pytest.mark.parametrize("dims, preset, kwargs, count, digest", _OLD_NETS)
+def test_default_kernels_build_the_same_nets_as_before(dims, preset, kwargs, count, digest) -> None:
+    import hashlib
+
+    for kernels in (None, [3] * 5):
+        net = build_network(dims, 1, 2, preset, kernel_sizes=kernels, **kwargs)
+        sig = ";".join(f"{k}:{tuple(v.shape)}" for k, v in net.state_dict().items())
+        assert hashlib.sha256(sig.encode()).hexdigest()[:16] == digest
+        if count is not None:
+            assert sum(p.numel() for p in net.parameters()) == count
+
+
+@pytest.mark.parametrize(
+    "kernels, pattern",
+    [([3, 3], "need 3 kernel sizes"), ([3, 2, 3], "odd positive"), ([[1, 3]] * 3, "odd positive")],
+)
+def test_bad_kernel_sizes(kernels, pattern) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        UNet(3, 1, 2, features=(4, 8, 16), kernel_sizes=kernels)

@@ -17,8 +17,10 @@ import torch
 from medunet.datasets.synthetic import make_synthetic_dataset
 from medunet.errors import InputError
 from medunet.training import DiceCELoss, parse_duration, soft_dice_loss, train
+from medunet.training.optim import ModelEMA, build_optimizer
 from medunet.training.sampler import PatchSampler
-from medunet.training.schedule import cosine_with_warmup
+from medunet.training.schedule import cosine_with_warmup, learning_rate, poly, step_decay
+from medunet.training.trainer import train_folds
 
 
 def test_parse_duration():
@@ -79,6 +81,48 @@ def test_cosine_schedule():
     assert cosine_with_warmup(2.0, 1.0, 1e-6, 0.1) == pytest.approx(1e-6)
 
 
+def test_poly_and_step_schedules():
+    # nnU-Net's poly: lr * (1 - p) ** 0.9
+    assert poly(0.0, 0.01) == pytest.approx(0.01)
+    assert poly(0.5, 0.01) == pytest.approx(0.01 * 0.5 ** 0.9)
+    assert poly(1.0, 0.01) == 0.0
+    assert step_decay(0.49, 1.0) == 1.0
+    assert step_decay(0.5, 1.0) == pytest.approx(0.1)
+    assert step_decay(0.8, 1.0) == pytest.approx(0.01)
+    t = {"lr": 0.01, "schedule": "poly"}
+    assert learning_rate(t, 0.5) == pytest.approx(poly(0.5, 0.01))
+    with pytest.raises(InputError, match="unknown schedule"):
+        learning_rate({"lr": 1.0, "schedule": "linear"}, 0.5)
+
+
+def test_optimizers_from_the_plan():
+    net = torch.nn.Linear(2, 2)
+    sgd = build_optimizer(net, {"optimizer": "sgd", "lr": 0.01, "weight_decay": 3e-5})
+    assert isinstance(sgd, torch.optim.SGD)
+    assert sgd.defaults["nesterov"] and sgd.defaults["momentum"] == 0.99
+    assert isinstance(build_optimizer(net, {"lr": 1e-3}), torch.optim.AdamW)
+    with pytest.raises(InputError, match="unknown optimizer"):
+        build_optimizer(net, {"optimizer": "lamb", "lr": 1e-3})
+
+
+def test_ema_hand_computed():
+    net = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(0.0)
+    ema = ModelEMA(net, decay=0.99)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    ema.update(net)  # first update: decay ramps to min(0.99, 2/11)
+    d = 2 / 11
+    assert ema.module.weight.item() == pytest.approx((1 - d) * 1.0)
+    with torch.no_grad():
+        net.weight.fill_(2.0)
+    ema.update(net)  # second: min(0.99, 3/12) = 0.25
+    assert ema.module.weight.item() == pytest.approx(0.25 * (1 - d) + 0.75 * 2.0)
+    with pytest.raises(InputError):
+        ModelEMA(net, decay=1.5)
+
+
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "d", n_train=5, n_test=2,
@@ -125,7 +169,8 @@ def test_resume_without_checkpoint_is_an_input_error(tiny_data, tmp_path):
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny_data, tmp_path):
     """Kill a run (SIGKILL) during epoch 2, resume with the same command: the weights after
     epoch 2 equal those of a run that was never interrupted."""
-    ov = {"training.iterations_per_epoch": 40, "training.augment": {"flip": 0.5, "rot90": 0.5}}
+    ov = {"training.iterations_per_epoch": 40, "training.augment": {"flip": 0.5, "rot90": 0.5},
+          "training.ema": 0.9}
     a, b = tmp_path / "a", tmp_path / "b"
     train(tiny_data, a, epochs=2, overrides=ov, progress=False, precision="fp32", report=False)
     code = (
@@ -149,6 +194,9 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_data, tmp_path):
     assert sb["state"]["epoch"] == 2 and sb["state"]["iteration"] == sa["state"]["iteration"]
     for k in sa["model"]:
         assert torch.allclose(sa["model"][k].float(), sb["model"][k].float(), atol=1e-6), k
+    for k in sa["ema_model"]:  # the EMA (used for validation and saved) resumes too
+        assert torch.allclose(sa["ema_model"][k].float(), sb["ema_model"][k].float(), atol=1e-6), k
+    assert sb["ema"]["updates"] == sa["ema"]["updates"] == sa["state"]["iteration"]
     rows = list(csv.DictReader((b / "log.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
 
@@ -161,3 +209,62 @@ def test_time_budget_stops(tiny_data, tmp_path):
     # epoch has no estimate yet, so allow one epoch of overrun (machines under load are slow)
     assert res.seconds < 4 + res.history[0]["epoch_seconds"] + 1
     assert math.isfinite(res.best_dice)
+
+
+def test_early_stopping_stops(tiny_data, tmp_path):
+    # min_delta 2.0: no Dice can beat the start (-1) by 2, so patience 2 stops after epoch 2
+    ov = {**FAST, "training.patience": 2, "training.min_delta": 2.0}
+    res = train(tiny_data, tmp_path / "m", epochs=10, overrides=ov, progress=False, report=False)
+    assert res.epochs == 2
+    state = torch.load(tmp_path / "m" / "checkpoint_last.pt", weights_only=True)["state"]
+    assert state["stopped_early"] and state["stale_epochs"] == 2
+    assert len(list(csv.DictReader((tmp_path / "m" / "log.csv").open()))) == res.epochs
+
+
+def test_ema_is_validated_and_served(tiny_data, tmp_path):
+    from medunet.inference.predictor import load_network
+
+    model = tmp_path / "m"
+    train(tiny_data, model, epochs=1, overrides={**FAST, "training.ema": 0.5}, progress=False,
+          report=False, precision="fp32")
+    ckpt = torch.load(model / "checkpoint_best.pt", weights_only=True)
+    assert ckpt["ema_model"] is not None
+    _, net, _ = load_network(model)
+    key = next(k for k in ckpt["model"] if k.endswith("weight"))
+    assert torch.equal(net.state_dict()[key], ckpt["ema_model"][key])
+    assert not torch.equal(ckpt["model"][key], ckpt["ema_model"][key])
+
+
+def test_folds_share_plan_and_partition(tiny_data, tmp_path):
+    from medunet.inference import Predictor
+
+    model = tmp_path / "cv"
+    results = train_folds(tiny_data, model, n_folds=2, epochs=1, overrides=FAST, progress=False)
+    assert [r.model_dir.name for r in results] == ["fold_0", "fold_1"]
+    folds = json.loads((model / "splits.json").read_text())["folds"]
+    vals = [set(f["val"]) for f in folds]
+    assert not vals[0] & vals[1] and len(vals[0] | vals[1]) == 5  # a partition of the 5 cases
+    for k, f in enumerate(folds):
+        own = json.loads((model / f"fold_{k}" / "splits.json").read_text())
+        assert own["val"] == f["val"] and not set(own["train"]) & set(own["val"])
+    # the choice on the pooled out-of-fold predictions is stored in the parent's plan
+    assert "postprocessing" in json.loads((model / "plan.json").read_text())["inference"]
+    assert len(Predictor.load(model).members) == 2
+    with pytest.raises(InputError, match="already holds folds"):
+        train_folds(tiny_data, model, n_folds=2, epochs=1, overrides=FAST, progress=False)
+    res = train(tiny_data, model, fold="all", epochs=1, overrides=FAST, progress=False, report=False)
+    split = json.loads((res.model_dir / "splits.json").read_text())
+    assert res.model_dir.name == "fold_all" and split["train"] == split["val"] and len(split["val"]) == 5
+    with pytest.raises(InputError, match="fold 7 does not exist"):
+        train(tiny_data, model, fold=7, epochs=1, overrides=FAST, progress=False)
+
+
+def test_tensorboard_events(tiny_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(tiny_data, tmp_path / "m", epochs=2, overrides=FAST, progress=False, report=False,
+          tensorboard=True)
+    acc = EventAccumulator(str(tmp_path / "m" / "tensorboard"))
+    acc.Reload()
+    assert {"train/train_loss", "val/val_dice", "train/lr"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("val/val_dice")] == [1, 2]

@@ -32,16 +32,12 @@ def _parse_value(text: str) -> object:
 
 
 def parse_overrides(items: list[str] | None, files: list[Path] | None = None) -> dict:
-    """``--set key=value`` pairs (values as JSON, or comma lists) and JSON files, merged."""
+    """``--set key=value`` pairs (values as JSON, or comma lists) over JSON/YAML files, merged."""
+    from medunet.planning import load_overrides
+
     result: dict = {}
     for f in files or []:
-        if not f.is_file():
-            raise InputError("override file not found", f)
-        try:
-            data = json.loads(f.read_text())
-        except json.JSONDecodeError as exc:
-            raise InputError(f"invalid JSON ({exc})", f) from exc
-        result.update(_flatten(data))
+        result.update(load_overrides(f))
     for item in items or []:
         if "=" not in item:
             raise InputError(f"cannot read --set '{item}'",
@@ -51,21 +47,33 @@ def parse_overrides(items: list[str] | None, files: list[Path] | None = None) ->
     return result
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    flat = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k in ("training", "inference", "network"):
-            flat.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v
-    return flat
+def plan_options(config: str, ct_window: str | None, window: str | None) -> dict:
+    """``--config``, ``--ct-window`` and ``--window LEVEL,WIDTH`` as ``make_plan`` arguments."""
+    opts: dict = {"config": config, "ct_window": ct_window}
+    if window is not None:
+        try:
+            level, width = (float(v) for v in window.split(","))
+        except ValueError as exc:
+            raise InputError(f"cannot read --window '{window}'",
+                             fix="give LEVEL,WIDTH in HU, e.g. --window 40,400") from exc
+        opts["window"] = (level, width)
+    return opts
+
+
+CONFIG_HELP = "auto, 2d, 3d (3D data with thick slices also offers 2d)"
+CT_WINDOW_HELP = "CT window: lung, mediastinum, abdomen, bone, brain (default: foreground percentiles)"
+WINDOW_HELP = "CT window LEVEL,WIDTH in HU, e.g. 40,400 (clip, then rescale to [0, 1])"
 
 
 @app.command()
 def plan(
     data: Path = typer.Argument(..., help="dataset folder (nnU-Net v2 raw layout or images/ + masks/)"),
     set_: list[str] | None = typer.Option(None, "--set", help="override a plan field: key=value"),
+    plan_file: list[Path] | None = typer.Option(None, "--plan", help="JSON or YAML file of plan overrides"),
     preset: str = typer.Option("default", help="network preset: default, classic, large"),
+    config: str = typer.Option("auto", help=CONFIG_HELP),
+    ct_window: str | None = typer.Option(None, help=CT_WINDOW_HELP),
+    window: str | None = typer.Option(None, help=WINDOW_HELP),
     output: Path | None = typer.Option(None, "--output", "-o", help="also write plan.json here"),
 ) -> None:
     """Check a dataset and show the plan (patch, batch, network, normalisation) with reasons."""
@@ -73,7 +81,8 @@ def plan(
 
     from medunet.training.trainer import prepare_plan
 
-    dataset, p = prepare_plan(data, preset, parse_overrides(set_))
+    dataset, p = prepare_plan(data, preset, parse_overrides(set_, plan_file),
+                              **plan_options(config, ct_window, window))
     table = Table(title=f"plan for {dataset.name} ({len(dataset.train)} training cases)")
     table.add_column("field")
     table.add_column("value")
@@ -82,8 +91,12 @@ def plan(
         ("dim", p.dim, p.reasons.get("dim", "")),
         ("channels", ", ".join(p.channel_names), ""),
         ("labels", ", ".join(f"{v}={n}" for v, n in zip(p.label_values, p.label_names, strict=True)), ""),
-        ("median shape", p.median_shape, ""),
+        ("configuration", f"{p.configuration} (offered: {', '.join(p.configurations)})",
+         p.reasons.get("configuration", "")),
+        ("median shape", p.median_shape, p.reasons.get("median_shape", "")),
         ("spacing", p.spacing, p.reasons.get("spacing", "")),
+        ("preprocessing", ", ".join(f"{k}={v}" for k, v in p.preprocessing.items()),
+         "; ".join(v for k, v in p.reasons.items() if k.startswith("preprocessing."))),
         ("patch_size", p.patch_size, p.reasons.get("patch_size", "")),
         ("batch_size", p.batch_size, p.reasons.get("batch_size", "")),
         ("network", f"{p.network['preset']} {p.network['features']}", p.reasons.get("network", "")),
@@ -104,24 +117,57 @@ def train(
     data: Path = typer.Argument(..., help="dataset folder"),
     output: Path = typer.Option(..., "--output", "-o", help="model directory to write"),
     epochs: int | None = typer.Option(None, help="number of epochs (default from the plan)"),
-    time_budget: str | None = typer.Option(None, help="wall-clock budget: 90s, 30m, 1h"),
+    time_budget: str | None = typer.Option(None, help="wall-clock budget: 90s, 30m, 1h (per fold)"),
     resume: bool = typer.Option(False, help="continue (or extend) the run in the model directory"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
     precision: str = typer.Option("auto", help="auto, fp32, bf16, fp16"),
     seed: int = typer.Option(0, help="random seed (split, sampling, augmentation)"),
     preset: str = typer.Option("default", help="network preset: default, classic, large"),
+    fold: str | None = typer.Option(None, help="train one cross-validation fold (0..N-1) or 'all' "
+                                    "into OUTPUT/fold_<k>/; folds are kept in OUTPUT/splits.json"),
+    folds: int | None = typer.Option(None, help="train every fold of an N-fold cross-validation "
+                                     "(then predict with OUTPUT: the fold ensemble)"),
+    loss: str | None = typer.Option(None, help="dice_ce (default), dice, bce, focal, tversky, lovasz, "
+                                    "cldice"),
+    optimizer: str | None = typer.Option(None, help="adamw (default) or sgd (Nesterov)"),
+    schedule: str | None = typer.Option(None, help="cosine (default, with warm-up), poly, step"),
+    lr: float | None = typer.Option(None, help="peak learning rate"),
+    ema: float | None = typer.Option(None, help="EMA decay of the weights (0 turns it off)"),
+    patience: int | None = typer.Option(None, help="early stopping: epochs without a better "
+                                        "validation Dice (0 turns it off)"),
+    tensorboard: bool = typer.Option(False, help="also write TensorBoard events to MODEL/tensorboard"),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the training network"),
+    config: str = typer.Option("auto", help=CONFIG_HELP),
+    ct_window: str | None = typer.Option(None, help=CT_WINDOW_HELP),
+    window: str | None = typer.Option(None, help=WINDOW_HELP),
     set_: list[str] | None = typer.Option(None, "--set", help="override a plan field: key=value"),
-    plan_file: list[Path] | None = typer.Option(None, "--plan", help="JSON file of plan overrides"),
+    plan_file: list[Path] | None = typer.Option(None, "--plan", help="JSON or YAML file of plan overrides"),
     report: bool = typer.Option(True, "--report/--no-report",
                                 help="score the validation cases and write validation/report.html"),
     quiet: bool = typer.Option(False, help="no progress display"),
 ) -> None:
     """Train a U-Net on DATA and write a self-describing model directory."""
     from medunet.training import train as run_train
+    from medunet.training.trainer import train_folds
 
-    result = run_train(data, output, epochs=epochs, time_budget=time_budget, resume=resume,
-                       device=device, precision=precision, seed=seed, preset=preset,
-                       overrides=parse_overrides(set_, plan_file), progress=not quiet, report=report)
+    overrides = parse_overrides(set_, plan_file)
+    shortcuts = {"loss": loss, "optimizer": optimizer, "schedule": schedule, "lr": lr, "ema": ema,
+                 "patience": patience}
+    overrides.update({f"training.{k}": v for k, v in shortcuts.items() if v is not None})
+    kwargs = dict(epochs=epochs, time_budget=time_budget, device=device, precision=precision, seed=seed,
+                  preset=preset, overrides=overrides, progress=not quiet, report=report,
+                  tensorboard=tensorboard, compile=compile_,
+                  plan_options=plan_options(config, ct_window, window))
+    if folds is not None:
+        if fold is not None:
+            raise InputError("--fold and --folds exclude each other",
+                             fix="--folds N trains all N folds; --fold K trains one")
+        results = train_folds(data, output, n_folds=folds, resume=resume, **kwargs)
+        for r in results:
+            out.print(f"{r.model_dir.name}: best validation Dice {r.best_dice:.4f} after {r.epochs} epochs")
+        out.print(f"{len(results)} folds in {output}; predict with it to ensemble them")
+        return
+    result = run_train(data, output, resume=resume, fold=fold, **kwargs)
     out.print(f"best validation Dice {result.best_dice:.4f} after {result.epochs} epochs "
               f"({result.iterations} steps, {result.seconds:.0f}s); model in {result.model_dir}")
 
@@ -130,7 +176,8 @@ def train(
 def predict(
     model: Path = typer.Argument(..., help="model directory written by 'medunet train' (a directory "
                                  "of fold_*/ model directories is an ensemble of the folds)"),
-    inputs: Path = typer.Argument(..., help="an image file or a folder of images"),
+    inputs: Path = typer.Argument(..., help="an image file, a folder of images, or a folder of DICOM "
+                                  "series (folders of slices)"),
     output: Path = typer.Option(..., "--output", "-o", help="folder for the label maps"),
     extra_models: list[Path] | None = typer.Option(
         None, "--model", "-m", help="another model directory to ensemble with MODEL (repeatable)"),
@@ -149,6 +196,8 @@ def predict(
     calibration: Path | None = typer.Option(None, help="with --int8 and no int8 export yet: images to "
                                             "calibrate on (default: the model's validation inputs)"),
     overlay: bool = typer.Option(False, help="also draw OUTPUT/overlays/{case}.png (contours on the image)"),
+    dicom_seg: bool = typer.Option(True, "--dicom-seg/--no-dicom-seg",
+                                   help="for DICOM series input, also write {case}.seg.dcm (DICOM-SEG)"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N (torch backend)"),
     precision: str = typer.Option("auto", help="auto, fp32, bf16, fp16 (torch backend)"),
     quiet: bool = typer.Option(False, help="no progress display"),
@@ -163,7 +212,7 @@ def predict(
                                postprocess=postprocess, calibration=calibration)
     t0 = time.perf_counter()
     written = predictor.predict(inputs, output, save_probabilities=save_probabilities,
-                                progress=not quiet, tta=tta, overlay=overlay)
+                                progress=not quiet, tta=tta, overlay=overlay, dicom_seg=dicom_seg)
     dt = time.perf_counter() - t0
     n = len(predictor.members)
     out.print(f"wrote {len(written)} label map(s) to {output} ({dt / max(1, len(written)):.2f}s per case; "
@@ -221,6 +270,69 @@ def evaluate(
     for path in (json_path, csv_path, report):
         if path:
             out.print(f"wrote {path}")
+
+
+@app.command()
+def distill(
+    teacher: Path = typer.Argument(..., help="trained model directory (the teacher)"),
+    output: Path = typer.Option(..., "--output", "-o", help="student model directory to write"),
+    data: Path | None = typer.Option(None, help="dataset the teacher was trained on (default: the one "
+                                     "its splits.json records)"),
+    width: float = typer.Option(0.5, help="student channels per level as a share of the teacher's, (0, 1]"),
+    epochs: int | None = typer.Option(None, help="number of epochs (default from the plan)"),
+    time_budget: str | None = typer.Option(None, help="wall-clock budget: 90s, 10m, 1h"),
+    temperature: float = typer.Option(2.0, help="softens both models' outputs in the distillation term"),
+    alpha: float = typer.Option(0.5, help="share of the distillation term; the rest is the plan's "
+                                "loss on the labels"),
+    init: str = typer.Option("prune", help="prune (L1-norm channel pruning of the teacher) or random"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
+    precision: str = typer.Option("auto", help="auto, fp32, bf16, fp16"),
+    seed: int = typer.Option(0, help="random seed (sampling, augmentation, initialisation)"),
+    quiet: bool = typer.Option(False, help="no progress display"),
+) -> None:
+    """Shrink a trained model: a thinner student, pruned from TEACHER and distilled on its outputs."""
+    from medunet.training.distill import distill as run_distill
+
+    r = run_distill(teacher, output, data, width=width, epochs=epochs, time_budget=time_budget,
+                    temperature=temperature, alpha=alpha, init=init, device=device, precision=precision,
+                    seed=seed, progress=not quiet)
+    out.print(f"student ({r.student_params:,} parameters, {r.student_params / r.teacher_params:.0%} of the "
+              f"teacher's, init {r.init_used}): validation Dice {r.student_dice:.4f} vs teacher "
+              f"{r.teacher_dice:.4f}; {r.student_seconds_per_image:.3f} vs {r.teacher_seconds_per_image:.3f} "
+              f"s per image ({r.speedup:.2f}x); model in {r.student_dir}")
+
+
+@app.command("augment-preview")
+def augment_preview(
+    data: Path = typer.Argument(..., help="dataset folder"),
+    output: Path = typer.Option(..., "--output", "-o", help="PNG to write"),
+    n: int = typer.Option(16, "--n", help="number of augmented patches to draw"),
+    seed: int = typer.Option(0, help="random seed (cases, patches, augmentation)"),
+    set_: list[str] | None = typer.Option(None, "--set",
+                                          help="override a plan field, e.g. training.augment.rotation.p=1"),
+    plan_file: list[Path] | None = typer.Option(None, "--plan", help="JSON or YAML file of plan overrides"),
+) -> None:
+    """Draw a grid of augmented training patches with their labels: what the network sees."""
+    from medunet.augment import augment_preview as draw
+
+    path = draw(data, output, n=n, seed=seed, overrides=parse_overrides(set_, plan_file))
+    out.print(f"wrote {path}")
+
+
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="a Medical Segmentation Decathlon task folder, or a folder with "
+                               "images/ and masks/"),
+    dst: Path = typer.Argument(..., help="dataset folder to create (with --id: the raw folder that "
+                               "receives DatasetNNN_NAME/)"),
+    name: str | None = typer.Option(None, help="dataset name (default: the task or folder name)"),
+    id_: int | None = typer.Option(None, "--id", help="nnU-Net dataset id 1-999: write DST/DatasetNNN_NAME"),
+) -> None:
+    """Convert an MSD task or an images/ + masks/ folder into the nnU-Net v2 raw layout."""
+    from medunet.datasets.convert import convert_dataset
+
+    path = convert_dataset(src, dst, name=name, dataset_id=id_, progress=True)
+    out.print(f"wrote {path}")
 
 
 @app.command()

@@ -1,4 +1,12 @@
-"""The Predictor: a model directory in, label maps in the input's format and geometry out."""
+"""The Predictor: a model directory in, label maps in the input's format and geometry out.
+
+When the plan crops to the non-zero region or resamples to a target spacing, the raw image
+is cropped and resampled (not normalised: the per-window normaliser still works on the
+result), predicted at the plan's spacing, and the prediction is reverted onto the input's
+grid (resampled back class by class, un-cropped with background), so the written label map
+overlays the input exactly. A case already at the plan's spacing and without a crop takes
+the plain path, without copies.
+"""
 
 from __future__ import annotations
 
@@ -20,10 +28,20 @@ from medunet.inference.tta import TTA_MODES, rotation_plane, tta_transforms, win
 from medunet.io import IMAGE_SUFFIXES, read_image, split_suffix, write_image
 from medunet.planning import Plan
 from medunet.preprocessing import normalize
+from medunet.preprocessing.crop import uncrop
+from medunet.preprocessing.pipeline import (
+    PreprocessInfo,
+    needs_resampling,
+    prepare_geometry,
+    preprocessing_options,
+    revert_probabilities,
+    revert_to_indices,
+)
 from medunet.runtime import memory_format, resolve_device, resolve_precision
 
 __all__ = [
-    "TTA_MODES", "InputCase", "Member", "Predictor", "expand_model_dirs", "find_inputs", "load_network",
+    "TTA_MODES", "InputCase", "Member", "Predictor", "expand_model_dirs", "find_dicom_cases", "find_inputs",
+    "load_network",
 ]
 BACKENDS = ("torch", "onnx")
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
@@ -31,10 +49,12 @@ _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
 
 @dataclass
 class InputCase:
-    """One case to predict: its channel files in order."""
+    """One case to predict: its channel files in order, or (``series_uid`` set) the folder
+    holding a DICOM series."""
 
     case_id: str
     paths: list[Path]
+    series_uid: str | None = None
 
 
 def find_inputs(inp: str | Path, n_channels: int) -> list[InputCase]:
@@ -42,7 +62,9 @@ def find_inputs(inp: str | Path, n_channels: int) -> list[InputCase]:
 
     With one input channel a file is a case and an ``_0000`` suffix is dropped from its id
     (nnU-Net naming); with several channels ``CASE_0000.ext``, ``CASE_0001.ext``... form one
-    case, and naming one channel file of a case brings its sibling files along.
+    case, and naming one channel file of a case brings its sibling files along. A folder
+    without image files that holds DICOM series (itself, or in subfolders) gives one case per
+    series (see :func:`find_dicom_cases`).
     """
     inp = Path(inp)
     if inp.is_file():
@@ -51,8 +73,11 @@ def find_inputs(inp: str | Path, n_channels: int) -> list[InputCase]:
         files = sorted(p for p in inp.iterdir() if p.is_file() and not p.name.startswith(".")
                        and split_suffix(p)[1].lower() in IMAGE_SUFFIXES)
         if not files:
+            dicom = find_dicom_cases(inp)
+            if dicom:
+                return dicom
             raise InputError("no images found", inp,
-                             f"put files ending in {', '.join(IMAGE_SUFFIXES)} there")
+                             f"put files ending in {', '.join(IMAGE_SUFFIXES)} (or DICOM series) there")
     else:
         raise InputError("input not found", inp)
     if n_channels == 1:
@@ -76,6 +101,23 @@ def find_inputs(inp: str | Path, n_channels: int) -> list[InputCase]:
                 if sib.is_file():
                     chans[c] = sib
     return [InputCase(cid, [ch[c] for c in sorted(ch)]) for cid, ch in sorted(groups.items())]
+
+
+def find_dicom_cases(folder: Path) -> list[InputCase]:
+    """One case per DICOM series under ``folder``; the case id is the series' folder name, or
+    its SeriesInstanceUID where a folder holds several series or two folders share a name."""
+    from collections import Counter
+
+    from medunet.io.dicom import list_dicom_series
+
+    series = list_dicom_series(folder)
+    per_dir = Counter(d for d, _ in series)
+    names = Counter(d.name for d in per_dir)
+    cases = []
+    for d, uid in series:
+        cid = d.name if per_dir[d] == 1 and names[d.name] == 1 and d.name else uid
+        cases.append(InputCase(cid, [d], series_uid=uid))
+    return cases
 
 
 @dataclass
@@ -251,28 +293,77 @@ class Predictor:
         idx = total.argmax(0).to(torch.uint8 if k <= 256 else torch.int16) if labels else None
         return (total if probabilities else None), idx
 
-    def predict_probabilities(self, image: np.ndarray, tta: str = "none") -> torch.Tensor:
+    def predict_probabilities(self, image: np.ndarray, tta: str = "none",
+                              spacing: Sequence[float] | None = None) -> torch.Tensor:
         """Class probabilities ``(K, *S)`` (float32) for a raw channel-first image.
 
         ``tta``: ``none``; ``flip`` averages every combination of mirrored spatial axes (4
         passes in 2D, 8 in 3D); ``full`` adds +-10 degree in-plane rotations. Every model of an
-        ensemble is averaged the same way.
+        ensemble is averaged the same way. ``spacing``: the image's voxel spacing (None: it is
+        at the plan's spacing); the probabilities are on the image's own grid either way.
         """
         self._check_image(image)
-        probs, _ = self._run(image, tta, probabilities=True, labels=False)
+        work, info = self._prepare(image, spacing)
+        probs, _ = self._run(work, tta, probabilities=True, labels=False)
         assert probs is not None
-        return probs
+        if info is None:
+            return probs
+        del work
+        return torch.from_numpy(revert_probabilities(probs, info))
+
+    def _prepare(self, image: np.ndarray, spacing: Sequence[float] | None,
+                 ) -> tuple[np.ndarray, PreprocessInfo | None]:
+        """The image the networks see (cropped, resampled raw intensities) and the record to
+        revert with; ``(image, None)`` when the plan changes nothing for this case."""
+        opts = preprocessing_options(self.plan)
+        resample = opts["resample"] and needs_resampling(spacing, self.plan.spacing)
+        if not opts["crop_nonzero"] and not resample:
+            return image, None
+        work, info = prepare_geometry(image, spacing, self.plan)
+        return (work, info) if info.cropped or info.resampled else (image, None)
+
+    def _predict_indices(self, image: np.ndarray, tta: str, probabilities: bool,
+                         spacing: Sequence[float] | None) -> tuple[np.ndarray | torch.Tensor,
+                                                                   np.ndarray | torch.Tensor | None]:
+        """Class-index map and (if asked) probabilities on the image's own grid."""
+        work, info = self._prepare(image, spacing)
+        if info is None:
+            probs, idx = self._run(image, tta, probabilities=probabilities, labels=True)
+            assert idx is not None
+            return idx, probs
+        if not info.resampled:  # cropped only: labels come straight from the sliding window
+            probs, idx = self._run(work, tta, probabilities=probabilities, labels=True)
+            del work
+            assert idx is not None
+            full_idx = uncrop(idx.numpy(), info.bbox, info.original_shape, fill=0)
+            return full_idx, (revert_probabilities(probs, info) if probs is not None else None)
+        probs, _ = self._run(work, tta, probabilities=True, labels=False)
+        del work
+        assert probs is not None
+        if probabilities:  # K x original floats are wanted anyway: argmax them
+            full = revert_probabilities(probs, info)
+            del probs
+            k = full.shape[0]
+            return full.argmax(0).astype(np.uint8 if k <= 256 else np.uint16), full
+        # labels only: classes go back one at a time (no K x original-size float array)
+        return revert_to_indices(probs, info), None
 
     def predict_array(self, image: np.ndarray, tta: str = "none", probabilities: bool = True,
-                      ) -> tuple[np.ndarray, np.ndarray | None]:
+                      spacing: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Post-processed label map (raw label values) and, unless ``probabilities=False``
-        (which saves a ``K x image`` float32 array), the probabilities before post-processing."""
+        (which saves a ``K x image`` float32 array), the probabilities before post-processing.
+
+        ``spacing`` is the image's voxel spacing (per spatial axis, as :mod:`medunet.io`
+        reads it); None means the image is at the plan's spacing. When the plan crops or
+        resamples, both outputs are on the image's own grid.
+        """
         self._check_image(image)
-        probs, idx = self._run(image, tta, probabilities=probabilities, labels=True)
-        assert idx is not None
+        idx, probs = self._predict_indices(image, tta, probabilities, spacing)
         labels = indices_to_labels(idx, self.plan.label_values)
         labels = apply_postprocessing(labels, self.postprocessing, int(self.plan.label_values[0]))
-        return labels, (probs.numpy() if probs is not None else None)
+        if isinstance(probs, torch.Tensor):
+            probs = probs.numpy()
+        return labels, probs
 
     def _check_image(self, image: np.ndarray, path: Path | None = None) -> None:
         if image.ndim - 1 != self.plan.dim:
@@ -286,24 +377,42 @@ class Predictor:
                 "give every channel (CASE_0000, CASE_0001, ...) or the right colour mode")
 
     def predict_case(self, case: InputCase, out_dir: Path, save_probabilities: bool = False,
-                     tta: str = "none", overlay: bool = False) -> Path:
+                     tta: str = "none", overlay: bool = False, dicom_seg: bool = True) -> Path:
         """Predict one case from its files and write ``{case_id}{ext}`` into ``out_dir``
-        (and, with ``overlay``, ``overlays/{case_id}.png`` beside it)."""
-        arrays, geom = [], None
-        for p in case.paths:
-            arr, g = read_image(p)
-            geom = geom or g
-            arrays.append(arr)
-        if len({a.shape[1:] for a in arrays}) > 1:
-            raise InputError("channel files differ in size", case.paths[0])
-        image = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
-        del arrays
+        (and, with ``overlay``, ``overlays/{case_id}.png`` beside it).
+
+        A DICOM series case (``case.series_uid``) gives ``{case_id}.nii.gz`` in the series'
+        geometry and, with ``dicom_seg``, ``{case_id}.seg.dcm`` referencing the source slices.
+        """
+        if case.series_uid is not None:
+            from medunet.io.dicom import read_dicom_series
+
+            image, geom = read_dicom_series(case.paths[0], case.series_uid)
+            suffix = ".nii.gz"
+        else:
+            arrays, geom = [], None
+            for p in case.paths:
+                arr, g = read_image(p)
+                geom = geom or g
+                arrays.append(arr)
+            if len({a.shape[1:] for a in arrays}) > 1:
+                raise InputError("channel files differ in size", case.paths[0])
+            image = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+            del arrays
+            suffix = split_suffix(case.paths[0])[1].lower()
         self._check_image(image, case.paths[0])
-        labels, probs = self.predict_array(image, tta=tta, probabilities=save_probabilities)
-        suffix = split_suffix(case.paths[0])[1].lower()
+        spacing = geom.spacing if geom is not None and len(geom.spacing) == image.ndim - 1 else None
+        labels, probs = self.predict_array(image, tta=tta, probabilities=save_probabilities, spacing=spacing)
         if suffix in (".jpg", ".jpeg"):
             suffix = ".png"  # a lossy format would corrupt label values
         out = write_image(out_dir / f"{case.case_id}{suffix}", labels, geom)
+        if case.series_uid is not None and dicom_seg:
+            from medunet.io.dicom_seg import write_dicom_seg
+
+            assert geom is not None
+            write_dicom_seg(labels, geom.extra["files"], out_dir / f"{case.case_id}.seg.dcm",
+                            self.plan.label_values, self.plan.label_names,
+                            series_description=f"medunet {self.plan.dataset_name}"[:64])
         if save_probabilities and probs is not None:
             _save_npz(out_dir / f"{case.case_id}.npz", probs)
         if overlay:
@@ -314,8 +423,10 @@ class Predictor:
         return out
 
     def predict(self, inputs: str | Path, out_dir: str | Path, save_probabilities: bool = False,
-                progress: bool = True, tta: str = "none", overlay: bool = False) -> list[Path]:
-        """Predict a file or a folder; returns the written label files."""
+                progress: bool = True, tta: str = "none", overlay: bool = False,
+                dicom_seg: bool = True) -> list[Path]:
+        """Predict a file or a folder (of images, or of DICOM series); returns the written
+        label files. ``dicom_seg``: also write a DICOM-SEG for each DICOM series."""
         tta_transforms(tta, self.plan.dim)  # a bad mode fails before any file is read
         out_dir = Path(out_dir)
         cases = find_inputs(inputs, self.plan.in_channels)
@@ -326,7 +437,7 @@ class Predictor:
         with Progress(disable=not progress, transient=True) as bar:
             task = bar.add_task("predicting", total=len(cases))
             for case in cases:
-                written.append(self.predict_case(case, out_dir, save_probabilities, tta, overlay))
+                written.append(self.predict_case(case, out_dir, save_probabilities, tta, overlay, dicom_seg))
                 bar.advance(task)
         return written
 
@@ -340,6 +451,13 @@ def _check_compatible(members: list[Member]) -> None:
             if a != b:
                 raise InputError(f"models disagree on {attr} ({a} in {first.model_dir}, {b} here)",
                                  m.model_dir, "ensemble only models trained on the same kind of data")
+        # the image is cropped and resampled once, as the first model's plan says
+        a, b = preprocessing_options(first.plan), preprocessing_options(m.plan)
+        geometric = a["crop_nonzero"] or a["resample"] or b["crop_nonzero"] or b["resample"]
+        if geometric and (a != b or needs_resampling(m.plan.spacing, first.plan.spacing)):
+            raise InputError(f"models disagree on preprocessing ({a}, spacing {first.plan.spacing} in "
+                             f"{first.model_dir}; {b}, spacing {m.plan.spacing} here)", m.model_dir,
+                             "ensemble only models planned with the same spacing and preprocessing")
 
 
 def _stored_postprocessing(path: Path) -> dict | None:

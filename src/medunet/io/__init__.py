@@ -4,7 +4,8 @@ Arrays are channel-first (``(C, H, W)`` or ``(C, X, Y, Z)``); label maps are wri
 the channel axis. The geometry travels beside the array in :class:`Geometry`.
 """
 
-from medunet.io.dicom import read_dicom_series
+from medunet.io.dicom import dicom_series_files, list_dicom_series, read_dicom_series
+from medunet.io.dicom_seg import write_dicom_seg
 from medunet.io.geometry import Geometry
 from medunet.io.image import (
     IMAGE_SUFFIXES,
@@ -14,5 +15,5 @@ from medunet.io.image import (
     write_image,
 )
 
-__all__ = ["Geometry", "IMAGE_SUFFIXES", "read_dicom_series", "read_image", "read_label", "split_suffix",
-           "write_image"]
+__all__ = ["Geometry", "IMAGE_SUFFIXES", "dicom_series_files", "list_dicom_series", "read_dicom_series",
+           "read_image", "read_label", "split_suffix", "write_dicom_seg", "write_image"]

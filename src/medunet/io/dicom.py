@@ -4,6 +4,8 @@ SimpleITK/GDCM groups the files by Series Instance UID and sorts the slices by t
 along the slice normal (not by file name or instance number, which exporters get wrong). The
 array comes back as ``(C, X, Y, Z)`` like every other ITK-read volume in :mod:`medunet.io`, and
 the geometry is ITK's (LPS world), tagged ``fmt="itk"`` so writers convert it to NIfTI's RAS.
+The slice files, in volume order, travel in ``geometry.extra["files"]``: a DICOM-SEG written
+for a prediction references them frame by frame (:mod:`medunet.io.dicom_seg`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,14 @@ def list_dicom_series(folder: str | Path) -> list[tuple[Path, str]]:
         for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(dirpath) or ():
             found.append((Path(dirpath), str(uid)))
     return found
+
+
+def dicom_series_files(folder: str | Path, series_uid: str) -> list[Path]:
+    """The files of one series in volume order (sorted along the slice normal by GDCM): slice
+    ``k`` of the array :func:`read_dicom_series` returns comes from file ``k``."""
+    import SimpleITK as sitk
+
+    return [Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid)]
 
 
 def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> tuple[np.ndarray, Geometry]:
@@ -65,7 +75,8 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> tupl
     if arr.size == 0:
         raise InputError("DICOM series has no pixels", folder)
     geom = Geometry(spacing=img.GetSpacing(), origin=img.GetOrigin(), direction=img.GetDirection(),
-                    fmt="itk", extra={"source": "dicom", "series_uid": uid, "n_files": len(files)})
+                    fmt="itk", extra={"source": "dicom", "series_uid": uid, "n_files": len(files),
+                                      "files": [str(f) for f in files]})
     return arr, geom
 
 

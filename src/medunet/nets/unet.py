@@ -47,7 +47,7 @@ def _act(kind: str) -> nn.Module:
 
 
 class ConvBlock(nn.Module):
-    """``n_convs`` x (conv 3 -> norm -> act); optionally with a residual shortcut.
+    """``n_convs`` x (conv k -> norm -> act); optionally with a residual shortcut.
 
     A residual block adds the shortcut before the last activation (as ResNet and nnU-Net's
     residual encoders do), so the block's output is activated like a plain block's; a channel
@@ -55,14 +55,18 @@ class ConvBlock(nn.Module):
     """
 
     def __init__(self, dims: int, cin: int, cout: int, n_convs: int, norm: str, act: str,
-                 residual: bool = False) -> None:
+                 residual: bool = False, kernel: int | tuple[int, ...] = 3) -> None:
         super().__init__()
         if n_convs < 1:
             raise ValueError("n_convs must be at least 1")
+        # odd kernels with k // 2 padding keep the size ('same' convolution); a kernel of 1 on
+        # an axis makes the block blind across that axis (the 2d configuration of 3D data)
+        padding = kernel // 2 if isinstance(kernel, int) else tuple(k // 2 for k in kernel)
         layers: list[nn.Module] = []
         for i in range(n_convs):
             layers += [
-                _conv(dims)(cin if i == 0 else cout, cout, 3, padding=1, bias=norm == "none"),
+                _conv(dims)(cin if i == 0 else cout, cout, kernel, padding=padding,
+                            bias=norm == "none"),
                 _norm(norm, dims, cout),
                 _act(act),
             ]
@@ -99,6 +103,10 @@ class UNet(nn.Module):
         deep_supervision: in training mode return a list: the full-resolution logits, then
             the logits of each coarser decoder level (coarsest last), each cropped to
             ``ceil(size / factor)`` of the input size, the shape of a label down-sampled to it.
+        kernel_sizes: convolution kernel per level (int or per-axis tuple, odd), encoder top to
+            bottleneck, also used by the decoder block of that level; default 3 everywhere.
+            ``[1, 3, 3]`` with strides ``[1, 2, 2]`` on every level is a 2D U-Net applied to
+            each slice of a 3D input independently (with batch norm, or one-slice patches).
 
     Example:
         >>> net = UNet(2, 1, 2, features=(8, 16, 32))
@@ -111,7 +119,8 @@ class UNet(nn.Module):
                  strides: Sequence[int | Sequence[int]] | None = None, n_convs: int = 2,
                  norm: str = "instance", act: str = "leakyrelu", down: str = "conv",
                  up: str = "transpose", residual: bool = False,
-                 deep_supervision: bool = False) -> None:
+                 deep_supervision: bool = False,
+                 kernel_sizes: Sequence[int | Sequence[int]] | None = None) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError("spatial_dims must be 2 or 3")
@@ -129,6 +138,17 @@ class UNet(nn.Module):
         for s in self.strides:
             if len(s) != dims or min(s) < 1:
                 raise ValueError(f"stride {s} needs {dims} positive entries, one per axis")
+        if kernel_sizes is None:
+            kernel_sizes = [3] * len(features)
+        if len(kernel_sizes) != len(features):
+            raise ValueError(f"need {len(features)} kernel sizes, one per feature level")
+        self.kernel_sizes = [tuple(int(a) for a in k) if isinstance(k, Sequence) else (int(k),) * dims
+                             for k in kernel_sizes]
+        for k in self.kernel_sizes:
+            if len(k) != dims or min(k) < 1 or any(a % 2 == 0 for a in k):
+                raise ValueError(f"kernel size {k} needs {dims} odd positive entries, one per axis")
+        # an all-equal kernel is passed as an int: the layers (and their repr) stay as before
+        kernels = [k[0] if len(set(k)) == 1 else k for k in self.kernel_sizes]
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.deep_supervision = deep_supervision
@@ -138,7 +158,7 @@ class UNet(nn.Module):
         self.downs = nn.ModuleList()
         cin = in_channels
         for level, ch in enumerate(features):
-            self.encoders.append(ConvBlock(dims, cin, ch, n_convs, norm, act, residual))
+            self.encoders.append(ConvBlock(dims, cin, ch, n_convs, norm, act, residual, kernels[level]))
             cin = ch
             if level < depth:
                 s = self.strides[level]
@@ -167,7 +187,8 @@ class UNet(nn.Module):
                     conv(c_low, c_skip, 1)))
             else:
                 raise ValueError(f"unknown up '{up}' (transpose, interp)")
-            self.decoders.append(ConvBlock(dims, 2 * c_skip, c_skip, n_convs, norm, act, residual))
+            self.decoders.append(ConvBlock(dims, 2 * c_skip, c_skip, n_convs, norm, act, residual,
+                                           kernels[level]))
             # a 1x1 head per decoder level only with deep supervision: unused heads would get no
             # gradients (and break DistributedDataParallel); heads[-1] is always the final head
             if deep_supervision or level == 0:
@@ -225,6 +246,7 @@ class NetConfig:
     up: str = "transpose"
     residual: bool = False
     deep_supervision: bool = False
+    kernel_sizes: list | None = None
 
 
 PRESETS: dict[str, dict] = {

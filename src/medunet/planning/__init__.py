@@ -1,5 +1,12 @@
 """Fingerprint a dataset and derive a Plan (the single source of truth, saved as plan.json)."""
 
-from medunet.planning.plan import Plan, fingerprint_dataset, make_plan
+from medunet.planning.plan import (
+    CT_WINDOWS,
+    Plan,
+    fingerprint_dataset,
+    load_overrides,
+    make_plan,
+    modality,
+)
 
-__all__ = ["Plan", "fingerprint_dataset", "make_plan"]
+__all__ = ["CT_WINDOWS", "Plan", "fingerprint_dataset", "load_overrides", "make_plan", "modality"]

@@ -1,7 +1,24 @@
 """The Plan: everything training and inference need to agree on, as one JSON file.
 
 A plan is derived from a dataset fingerprint with simple, explained rules (each choice has a
-reason string), and any field can be overridden by the user.
+reason string in ``plan.reasons``), and any field can be overridden by the user (``--set``
+or a JSON/YAML file, :func:`load_overrides`).
+
+Rules, in the order :func:`make_plan` applies them:
+
+- target spacing: the median spacing; for anisotropic 3D data (median spacing max/min > 3)
+  the thick axis takes the 10th percentile of the cases' spacings on it (not below the
+  in-plane spacing), so thin-slice cases are not thrown away; resampling only when some case
+  is more than 1 % off the target.
+- cropping to the non-zero region when it removes >= 10 % of the median case; z-score inside
+  the non-zero region when it removes >= 25 % (nnU-Net's rule: the empty border would
+  otherwise dominate the statistics).
+- configuration: ``2d`` for 2D data, ``3d`` for 3D data; very thick slices (target spacing
+  max/min > 3) also offer ``2d``: the same dim-3 plan with one-slice patches and ``[1, 3, 3]``
+  kernels, i.e. a 2D U-Net run slice by slice through the unchanged 3D pipeline.
+- patch and batch from a voxel budget: a time-per-step budget on CPUs, a memory-driven one
+  on GPUs (``device_memory_gb``); network depth from the patch.
+- normalisation per channel from its name (CT, MR, RGB, noNorm), or a CT window.
 """
 
 from __future__ import annotations
@@ -10,28 +27,71 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
+from medunet.augment import default_augmentation
 from medunet.datasets import Dataset, load_case
 from medunet.errors import InputError
+from medunet.preprocessing.crop import nonzero_bbox
+from medunet.preprocessing.pipeline import needs_resampling
+from medunet.preprocessing.resample import target_shape
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 RGB_NAMES = {"r", "g", "b", "red", "green", "blue"}
 CT_NAMES = {"ct"}
+MR_NAMES = {"mr", "mri", "t1", "t1w", "t1c", "t1ce", "t1gd", "t2", "t2w", "flair", "adc", "dwi",
+            "pd", "pdw", "swi", "dce", "bold"}
 NONORM_NAMES = {"nonorm", "none"}
 
 # CPU-oriented sizes: about 0.3-0.5 s per training step on 2 cores with bf16 (see BENCHMARKS.md)
 MAX_PATCH_VOXELS = {2: 256 * 256, 3: 96 * 96 * 48}
 VOXELS_PER_STEP = {2: 4 * 256 * 256, 3: 2 * 96 * 96 * 48}
 MAX_BATCH = 16
+# GPU sizes at the reference memory (a 40 GB card), as nnU-Net-like plans use; below it the
+# patch budget shrinks with the square root of the memory and the step budget linearly, so
+# both patch and batch get smaller; above it the patch stays and the batch grows
+GPU_REFERENCE_GB = 40.0
+GPU_PATCH_VOXELS = {2: 512 * 512, 3: 128 * 128 * 128}
+GPU_VOXELS_PER_STEP = {2: 12 * 512 * 512, 3: 2 * 128 * 128 * 128}
+GPU_MAX_BATCH = 32
+# on a GPU a batch may cover at most this share of the dataset's voxels (nnU-Net's cap): a
+# large card and a small dataset would otherwise see every case several times per step
+GPU_MAX_DATASET_SHARE = 0.05
+
+ANISOTROPY = 3.0  # max/min spacing above which data counts as anisotropic (thick slices)
+RESAMPLE_TOLERANCE = 0.01  # a case within 1 % of the target spacing is left as it is
+CROP_MIN_REMOVED = 0.10  # crop to the non-zero region when it removes at least this share
+NONZERO_NORM_MIN_REMOVED = 0.25  # z-score inside the non-zero region from this share on
+CONFIGS = ("auto", "2d", "3d")
+# Named CT windows as (level, width) in Hounsfield units: the usual radiology presets
+CT_WINDOWS: dict[str, tuple[float, float]] = {
+    "lung": (-600.0, 1500.0),
+    "mediastinum": (50.0, 350.0),
+    "abdomen": (40.0, 400.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+}
+
+
+def window_scheme(level: float, width: float) -> dict:
+    """The ``window`` normalisation for a level/width: clip to ``level -+ width / 2``, map to [0, 1]."""
+    return {"scheme": "window", "lower": float(level - width / 2), "upper": float(level + width / 2)}
 
 
 @dataclass
 class Plan:
-    """What training and inference use; saved as ``plan.json`` in the model directory."""
+    """What training and inference use; saved as ``plan.json`` in the model directory.
+
+    ``spacing`` is the target spacing and ``median_shape`` the median case after cropping and
+    resampling (what the network sees). ``preprocessing`` holds ``crop_nonzero``,
+    ``resample``, ``image_order``, ``label_mode`` and ``separate_z`` (missing keys mean: no
+    crop, no resampling, order 3, nearest, None: how plans before version 2 behaved).
+    ``configuration`` is the chosen one of ``configurations`` ("2d", "3d").
+    """
 
     dataset_name: str
     dim: int
@@ -49,6 +109,16 @@ class Plan:
     inference: dict = field(default_factory=dict)
     reasons: dict = field(default_factory=dict)
     version: int = PLAN_VERSION
+    preprocessing: dict = field(default_factory=dict)
+    configuration: str = ""
+    configurations: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # plans written before configurations existed were what their dimension says
+        if not self.configuration:
+            self.configuration = f"{self.dim}d"
+        if not self.configurations:
+            self.configurations = [self.configuration]
 
     @property
     def num_classes(self) -> int:
@@ -115,17 +185,95 @@ class Plan:
         return Plan.from_dict(d)
 
 
+def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def load_overrides(path: str | Path) -> dict[str, object]:
+    """Plan overrides from a JSON or YAML file, as dotted keys for :meth:`Plan.override`.
+
+    Nested mappings flatten (``{"training": {"lr": 0.01}}`` -> ``{"training.lr": 0.01}``), so
+    a file can hold a few fields or a whole edited ``plan.json`` (its ``reasons`` are
+    explanations, not settings, and are skipped: overridden fields get "set by the user").
+    ``.yaml``/``.yml`` files are read with PyYAML (safe loader); anything else as JSON.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("plan overrides file not found", path, "pass a JSON or YAML file")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read plan overrides ({exc})", path) from exc
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as exc:  # pragma: no cover - PyYAML is a dependency
+            raise InputError("reading YAML needs PyYAML", path, "pip install pyyaml, or use JSON") from exc
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise InputError(f"invalid YAML ({exc})".replace("\n", " "), path) from exc
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"invalid JSON ({exc})", path) from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError("plan overrides must be a mapping of field names to values", path,
+                         'write e.g. {"training": {"lr": 0.001}} or training.lr: 0.001')
+    data.pop("reasons", None)
+    return _flatten(data)
+
+
+def modality(name: str) -> str:
+    """The modality a channel name says: ``ct``, ``mr``, ``rgb``, ``none`` (noNorm) or ``other``."""
+    low = name.strip().lower()
+    if low in CT_NAMES:
+        return "ct"
+    if low in MR_NAMES:
+        return "mr"
+    if low in RGB_NAMES:
+        return "rgb"
+    if low in NONORM_NAMES:
+        return "none"
+    return "other"
+
+
 def fingerprint_dataset(dataset: Dataset, facts: list[dict], max_samples: int = 20000,
                         seed: int = 0) -> dict:
-    """Shapes, spacings and per-channel intensity statistics (inside the foreground) of a dataset."""
+    """What the plan rules need to know about a dataset, read once from every training case.
+
+    Shapes and spacings (from ``facts``, :func:`medunet.datasets.validate_dataset`'s output),
+    per-channel intensity statistics inside the foreground (mean, std, 0.5 and 99.5
+    percentiles, from up to ``max_samples`` voxels per case and channel), class frequencies
+    (share of voxels, share of cases containing the class), the per-case share of voxels kept
+    by cropping to the non-zero region and the shape after it, and each channel's modality.
+    """
     rng = np.random.default_rng(seed)
     per_channel: list[list[np.ndarray]] = [[] for _ in range(dataset.num_channels)]
     class_voxels = np.zeros(dataset.num_classes, dtype=np.int64)
+    class_cases = np.zeros(dataset.num_classes, dtype=np.int64)
+    crop_kept, cropped_shapes = [], []
     for case in dataset.train:
         image, label, _ = load_case(case, dataset)
+        box = nonzero_bbox(image)
+        cshape = [b - a for a, b in box]
+        cropped_shapes.append(cshape)
+        crop_kept.append(float(np.prod(cshape) / np.prod(image.shape[1:])))
         if label is None:
             continue
-        class_voxels += np.bincount(label.ravel(), minlength=dataset.num_classes)[: dataset.num_classes]
+        counts = np.bincount(label.ravel(), minlength=dataset.num_classes)[: dataset.num_classes]
+        class_voxels += counts
+        class_cases += counts > 0
         fg = label > 0
         for c in range(image.shape[0]):
             vals = image[c][fg] if fg.any() else image[c].ravel()
@@ -141,6 +289,7 @@ def fingerprint_dataset(dataset: Dataset, facts: list[dict], max_samples: int = 
         })
     shapes = np.array([f["shape"] for f in facts])
     spacings = np.array([f["spacing"] for f in facts], dtype=float)
+    n_labelled = max(1, sum(c.label_path is not None for c in dataset.train))
     return {
         "num_cases": len(facts),
         "shapes": shapes.tolist(),
@@ -148,38 +297,118 @@ def fingerprint_dataset(dataset: Dataset, facts: list[dict], max_samples: int = 
         "median_shape": np.median(shapes, axis=0).astype(int).tolist(),
         "median_spacing": np.median(spacings, axis=0).tolist(),
         "intensity": stats,
+        "modalities": [modality(n) for n in dataset.channel_names],
         "class_fraction": (class_voxels / max(class_voxels.sum(), 1)).tolist(),
+        "class_case_fraction": (class_cases / n_labelled).tolist(),
+        "crop_kept": crop_kept,
+        "cropped_shapes": cropped_shapes,
     }
 
 
-def _normalization(channel_names: list[str], stats: list[dict]) -> tuple[list[dict], str]:
-    rgb = len(channel_names) == 3 and all(n.lower() in RGB_NAMES for n in channel_names)
+def _fmt(values: Sequence[float]) -> str:
+    return " x ".join(f"{v:.3g}" for v in values)
+
+
+def _target_spacing(fp: dict, dim: int) -> tuple[np.ndarray, int | None, str]:
+    """Median spacing; the thick axis of anisotropic 3D data gets its 10th percentile."""
+    spacings = np.array(fp["spacings"], dtype=float).reshape(-1, dim)
+    median = np.median(spacings, axis=0)
+    target = median.copy()
+    if dim == 3 and median.max() / median.min() > ANISOTROPY:
+        thick = int(np.argmax(median))
+        in_plane = max(median[a] for a in range(dim) if a != thick)
+        # thin-slice cases keep their resolution; never finer than in-plane (nnU-Net's guard)
+        target[thick] = max(float(np.percentile(spacings[:, thick], 10)), in_plane)
+        why = (f"median spacing {_fmt(median)} is anisotropic (max/min "
+               f"{median.max() / median.min():.1f} > {ANISOTROPY:g}): the thick axis {thick} takes the "
+               f"10th percentile of its spacings, {target[thick]:.3g}; the others the median")
+        return target, thick, why
+    return target, None, "median spacing of the training cases"
+
+
+def _shape_after(fp: dict, dim: int, target: np.ndarray, crop: bool) -> list[list[int]]:
+    """Each case's shape after cropping (if planned) and resampling to the target spacing."""
+    shapes = fp.get("cropped_shapes") if crop else None
+    shapes = shapes or fp["shapes"]
     out = []
-    for name, st in zip(channel_names, stats, strict=True):
-        low = name.lower()
+    for shape, sp in zip(shapes, fp["spacings"], strict=True):
+        resample = needs_resampling(sp, target.tolist(), RESAMPLE_TOLERANCE)
+        out.append(target_shape(shape, sp, target.tolist()) if resample else [int(n) for n in shape])
+    return out
+
+
+def _normalization(channel_names: list[str], stats: list[dict], nonzero_mask: bool,
+                   window: dict | None) -> tuple[list[dict], str]:
+    kinds = [modality(n) for n in channel_names]
+    rgb = len(channel_names) == 3 and all(k == "rgb" for k in kinds)
+    out = []
+    for i, (kind, st) in enumerate(zip(kinds, stats, strict=True)):
         if rgb:
             out.append({"scheme": "rgb", "mean": st["mean"] / 255.0, "std": max(st["std"] / 255.0, 1e-3)})
-        elif low in CT_NAMES:
+        elif window is not None and (kind == "ct" or ("ct" not in kinds and len(kinds) == 1 and i == 0)):
+            out.append(dict(window))
+        elif kind == "ct":
             out.append({"scheme": "ct", "lower": st["p00_5"], "upper": st["p99_5"],
                         "mean": st["mean"], "std": max(st["std"], 1e-3)})
-        elif low in NONORM_NAMES:
+        elif kind == "none":
             out.append({"scheme": "none"})
         else:
-            out.append({"scheme": "zscore"})
+            out.append({"scheme": "zscore", "nonzero_mask": True} if nonzero_mask else {"scheme": "zscore"})
+    why = []
     if rgb:
-        why = "RGB channels: /255, then standardised with the dataset's per-channel statistics"
-    elif any(o["scheme"] == "ct" for o in out):
-        why = "CT: clipped to the foreground 0.5-99.5 percentiles, z-scored with foreground statistics"
-    else:
-        why = "z-score per image (MR and other non-quantitative intensities)"
-    return out, why
+        why.append("RGB channels: /255, then standardised with the dataset's per-channel statistics")
+    if any(o["scheme"] == "window" for o in out):
+        why.append(f"HU window [{window['lower']:g}, {window['upper']:g}] "  # type: ignore[index]
+                   "(clipped, then scaled to [0, 1])")
+    if any(o["scheme"] == "ct" for o in out):
+        why.append("CT: clipped to the foreground 0.5-99.5 percentiles, z-scored with foreground statistics")
+    if any(o["scheme"] == "zscore" for o in out):
+        why.append("z-score per image (MR and other non-quantitative intensities)"
+                   + (", inside the non-zero region (cropping removed >= 25 % of the median case)"
+                      if nonzero_mask else ""))
+    if any(o["scheme"] == "none" for o in out):
+        why.append("noNorm channels unchanged")
+    return out, "; ".join(why)
 
 
-def _patch_and_strides(median_shape: list[int], spacing: list[float], dim: int,
-                       max_levels: int) -> tuple[list[int], list[list[int]]]:
+def _ct_window(ct_window: str | None, window: tuple[float, float] | None) -> dict | None:
+    if ct_window is not None and window is not None:
+        raise InputError("give either a named CT window or an explicit window, not both",
+                         fix="drop --ct-window or --window")
+    if ct_window is not None:
+        key = ct_window.strip().lower()
+        if key not in CT_WINDOWS:
+            raise InputError(f"unknown CT window '{ct_window}'",
+                             fix=f"use one of {', '.join(CT_WINDOWS)} or --window LEVEL,WIDTH")
+        return window_scheme(*CT_WINDOWS[key])
+    if window is not None:
+        try:
+            level, width = (float(v) for v in window)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"window must be two numbers (level, width), got {window!r}",
+                             fix="e.g. --window 40,400") from exc
+        if not width > 0:
+            raise InputError(f"window width must be positive, got {width:g}", fix="e.g. --window 40,400")
+        return window_scheme(level, width)
+    return None
+
+
+def _budgets(dim: int, device_memory_gb: float | None) -> tuple[int, int, int, str]:
+    """(max patch voxels, voxels per step, max batch, why) for a CPU or a GPU of that memory."""
+    if device_memory_gb is None:
+        return MAX_PATCH_VOXELS[dim], VOXELS_PER_STEP[dim], MAX_BATCH, "for CPU speed"
+    if not device_memory_gb > 0:
+        raise InputError(f"device memory must be positive, got {device_memory_gb}")
+    f = device_memory_gb / GPU_REFERENCE_GB
+    patch = int(GPU_PATCH_VOXELS[dim] * min(1.0, math.sqrt(f)))
+    step = int(GPU_VOXELS_PER_STEP[dim] * f)
+    return patch, step, GPU_MAX_BATCH, f"for a GPU with {device_memory_gb:g} GB"
+
+
+def _patch_and_strides(median_shape: Sequence[int], spacing: Sequence[float], dim: int,
+                       max_levels: int, budget: int) -> tuple[list[int], list[list[int]]]:
     """Largest patch (in physical proportions of the data) within the voxel budget, and strides."""
     shape = np.array(median_shape, dtype=float)
-    budget = MAX_PATCH_VOXELS[dim]
     patch = shape.copy()
     if patch.prod() > budget:
         # shrink the physically longest axes first, so the patch tends towards isotropic extent
@@ -209,53 +438,149 @@ def _patch_and_strides(median_shape: list[int], spacing: list[float], dim: int,
     return rounded, strides
 
 
-def make_plan(dataset: Dataset, fingerprint: dict, preset: str = "default") -> Plan:
-    """Derive the plan from the fingerprint with explained rules."""
+def make_plan(dataset: Dataset, fingerprint: dict, preset: str = "default", *, config: str = "auto",
+              device_memory_gb: float | None = None, ct_window: str | None = None,
+              window: tuple[float, float] | None = None) -> Plan:
+    """Derive the plan from the fingerprint with explained rules (see the module docstring).
+
+    Args:
+        dataset: the dataset (names, labels).
+        fingerprint: :func:`fingerprint_dataset`'s output.
+        preset: network preset (``default``, ``classic``, ``large``).
+        config: ``auto`` (``3d`` for 3D data, ``2d`` for 2D), ``2d`` or ``3d``; ``2d`` on 3D
+            data needs thick slices (``plan.configurations`` lists what is offered).
+        device_memory_gb: None plans for a CPU (a time budget per step); a GPU's memory in GB
+            plans larger patches and batches for it.
+        ct_window: a named HU window (``lung``, ``mediastinum``, ``abdomen``, ``bone``,
+            ``brain``) for the CT channels (or the only channel) instead of the percentile clip.
+        window: an explicit ``(level, width)`` HU window instead.
+    """
     from medunet.nets import PRESETS
 
     dim = len(fingerprint["median_shape"])
     if preset not in PRESETS:
         raise InputError(f"unknown network preset '{preset}'", fix=f"use one of {', '.join(PRESETS)}")
+    if config not in CONFIGS:
+        raise InputError(f"unknown configuration '{config}'", fix=f"use one of {', '.join(CONFIGS)}")
+    win = _ct_window(ct_window, window)
+    kinds = [modality(n) for n in dataset.channel_names]
+    if win is not None and "ct" not in kinds and len(kinds) != 1:
+        raise InputError(f"a CT window needs a CT channel; channels are {', '.join(dataset.channel_names)}",
+                         dataset.root / "dataset.json", "name the CT channel 'CT' in channel_names")
+    reasons: dict[str, str] = {"dim": f"{dim}D data"}
+
+    # spacing, cropping, resampling
+    target, thick, reasons["spacing"] = _target_spacing(fingerprint, dim)
+    kept = fingerprint.get("crop_kept") or [1.0]
+    removed = 1.0 - float(np.median(kept))
+    crop = removed >= CROP_MIN_REMOVED - 1e-9
+    nonzero_norm = removed >= NONZERO_NORM_MIN_REMOVED - 1e-9
+    off = sum(needs_resampling(sp, target.tolist(), RESAMPLE_TOLERANCE) for sp in fingerprint["spacings"])
+    resample = off > 0
+    preprocessing = {"crop_nonzero": bool(crop), "resample": bool(resample), "image_order": 3,
+                     "label_mode": "nearest", "separate_z": thick}
+    reasons["preprocessing.crop_nonzero"] = (
+        f"cropping to the non-zero region removes {100 * removed:.0f} % of the median case "
+        + (f"(>= {100 * CROP_MIN_REMOVED:.0f} %)" if crop
+           else f"(< {100 * CROP_MIN_REMOVED:.0f} %: nothing to gain)"))
+    reasons["preprocessing.resample"] = (
+        f"{off} of {len(fingerprint['spacings'])} cases differ from the target spacing by > 1 %"
+        if resample else "every case is at the target spacing (within 1 %)")
+    reasons["preprocessing.separate_z"] = (
+        f"anisotropic: axis {thick} is resampled on its own (nearest/linear across slices)"
+        if thick is not None else "not anisotropic")
+    reasons["preprocessing.image_order"] = "cubic spline for images, nearest neighbour for labels"
+    shapes = _shape_after(fingerprint, dim, target, crop)
+    median_shape = np.median(np.array(shapes), axis=0).astype(int).tolist()
+
+    # configuration
+    ratio = float(target.max() / target.min())
+    offered = ["2d"] if dim == 2 else (["3d", "2d"] if ratio > ANISOTROPY else ["3d"])
+    chosen = offered[0] if config == "auto" else config
+    if chosen not in offered:
+        fix = f"use --config {' or '.join(offered)}" if dim == 3 else "2D data has only the 2d configuration"
+        raise InputError(f"configuration '{config}' is not offered for this dataset "
+                         f"(offered: {', '.join(offered)})", dataset.root, fix)
+    if dim == 2:
+        reasons["configuration"] = "2D data"
+    elif len(offered) > 1:
+        reasons["configuration"] = (
+            f"3D data with thick slices (target spacing {_fmt(target)}, max/min {ratio:.1f} > "
+            f"{ANISOTROPY:g}) offers '3d' and '2d' (a 2D U-Net slice by slice: one-slice patches, "
+            f"[1, 3, 3] kernels); '{chosen}' "
+            + ("chosen by default; pick the other with config='2d' (--config 2d)" if config == "auto"
+               else "chosen by the user"))
+    else:
+        reasons["configuration"] = "3D data"
+    slice_axis = int(np.argmax(target)) if (dim == 3 and chosen == "2d") else None
+
+    # patch, strides, kernels, batch
     net = dict(PRESETS[preset])
     max_levels = len(net["features"]) - 1
-    patch, strides = _patch_and_strides(fingerprint["median_shape"], fingerprint["median_spacing"],
-                                        dim, max_levels)
+    pdim = 2 if slice_axis is not None else dim
+    max_voxels, step_voxels, max_batch, device_why = _budgets(pdim, device_memory_gb)
+    if slice_axis is None:
+        fit_shape = median_shape
+        patch, strides = _patch_and_strides(median_shape, target, dim, max_levels, max_voxels)
+        kernels = [[3] * dim for _ in range(len(strides) + 1)]
+    else:
+        axes = [a for a in range(dim) if a != slice_axis]
+        fit_shape = [median_shape[a] for a in axes]
+        p2, s2 = _patch_and_strides(fit_shape, [target[a] for a in axes], 2, max_levels, max_voxels)
+        patch = list(p2)
+        patch.insert(slice_axis, 1)
+        strides = [s[:slice_axis] + [1] + s[slice_axis:] for s in s2]
+        kernels = [[1 if a == slice_axis else 3 for a in range(dim)] for _ in range(len(s2) + 1)]
     net["features"] = net["features"][: len(strides) + 1]
     net["strides"] = strides
+    net["kernel_sizes"] = kernels
     net["preset"] = preset
-    batch = int(min(MAX_BATCH, max(2, VOXELS_PER_STEP[dim] // int(np.prod(patch)))))
-    norm, norm_why = _normalization(dataset.channel_names, fingerprint["intensity"])
+    batch = int(min(max_batch, max(2, step_voxels // int(np.prod(patch)))))
+    batch_why = f"{step_voxels} voxels per step / patch voxels, within [2, {max_batch}] {device_why}"
+    if device_memory_gb is not None:
+        cap = int(GPU_MAX_DATASET_SHARE * sum(int(np.prod(s)) for s in shapes) // int(np.prod(patch)))
+        if cap < batch:
+            batch = max(2, cap)
+            batch_why += f"; at most {100 * GPU_MAX_DATASET_SHARE:g} % of the dataset's voxels per batch"
+    fits = int(np.prod(fit_shape)) <= max_voxels
+    reasons["patch_size"] = (
+        (f"the median case {fit_shape} (after cropping and resampling) fits within {max_voxels} voxels"
+         if fits else f"the median case {fit_shape} (after cropping and resampling) shrunk (longest "
+         f"physical axis first) to at most {max_voxels} voxels {device_why}")
+        + ", rounded to multiples of the down-sampling factor"
+        + ("; one slice thick (2d configuration)" if slice_axis is not None else ""))
+    reasons["batch_size"] = batch_why
+    reasons["network"] = (f"preset '{preset}'; {len(strides)} down-samplings, an axis pools while its "
+                          "edge stays >= 4" + (f"; kernels and strides 1 on the slice axis {slice_axis}"
+                                               if slice_axis is not None else ""))
+
+    norm, reasons["normalization"] = _normalization(dataset.channel_names, fingerprint["intensity"],
+                                                    nonzero_norm, win)
     fg_fraction = 1.0 - fingerprint["class_fraction"][0]
     training = {
         "loss": "dice_ce",
+        "loss_options": {},
         "optimizer": "adamw",
+        "schedule": "cosine",
         "lr": 3e-3,
         "min_lr": 1e-6,
         "weight_decay": 1e-4,
         "warmup_fraction": 0.02,
         "grad_clip": 12.0,
+        "ema": 0.99,
+        "patience": 15,
+        "min_delta": 0.0,
         "iterations_per_epoch": 100,
         "epochs": 50,
         "fg_oversample": 1 / 3,
         "val_fraction": 0.2,
-        "augment": {"flip": 0.5, "rot90": 0.5},
+        "augment": default_augmentation(dim, patch),
     }
-    reasons = {
-        "dim": f"{dim}D data",
-        "patch_size": (
-            f"the median image {fingerprint['median_shape']} fits within {MAX_PATCH_VOXELS[dim]} voxels"
-            if np.prod(fingerprint["median_shape"]) <= MAX_PATCH_VOXELS[dim]
-            else f"median image {fingerprint['median_shape']} shrunk (longest physical axis first) "
-            f"to at most {MAX_PATCH_VOXELS[dim]} voxels for CPU speed"
-        ) + ", rounded to multiples of the down-sampling factor",
-        "batch_size": f"{VOXELS_PER_STEP[dim]} voxels per step / patch voxels, within [2, {MAX_BATCH}]",
-        "network": f"preset '{preset}'; {len(strides)} down-samplings, "
-        "an axis pools while its edge stays >= 4",
-        "normalization": norm_why,
-        "training": f"Dice+CE, AdamW with cosine decay; 1/3 of patches centred on foreground "
-        f"(foreground is {100 * fg_fraction:.1f}% of voxels)",
-        "spacing": "median spacing of the training cases",
-    }
+    reasons["training"] = (f"Dice+CE; AdamW, lr 3e-3 with warm-up and cosine decay to 1e-6 (measured "
+                           f"best for short CPU runs, see BENCHMARKS.md); EMA of the weights (0.99) is "
+                           f"validated and saved; early stop after 15 epochs without a better "
+                           f"validation Dice; 1/3 of patches centred on foreground "
+                           f"(foreground is {100 * fg_fraction:.1f}% of voxels)")
     return Plan(
         dataset_name=dataset.name,
         dim=dim,
@@ -263,8 +588,8 @@ def make_plan(dataset: Dataset, fingerprint: dict, preset: str = "default") -> P
         channel_names=list(dataset.channel_names),
         label_names=list(dataset.label_names),
         label_values=[int(v) for v in dataset.label_values],
-        spacing=[float(s) for s in fingerprint["median_spacing"]],
-        median_shape=[int(s) for s in fingerprint["median_shape"]],
+        spacing=[float(s) for s in target],
+        median_shape=[int(s) for s in median_shape],
         normalization=norm,
         patch_size=[int(p) for p in patch],
         batch_size=batch,
@@ -272,4 +597,7 @@ def make_plan(dataset: Dataset, fingerprint: dict, preset: str = "default") -> P
         training=training,
         inference={"overlap": 0.5, "sigma_scale": 0.125},
         reasons=reasons,
+        preprocessing=preprocessing,
+        configuration=chosen,
+        configurations=offered,
     )

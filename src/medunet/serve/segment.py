@@ -87,7 +87,9 @@ def run_segmentation(predictor, upload: Upload, work_dir: Path, *, tta: str = "n
         kind = mask_kind(out_format, plan.dim, geom)  # refuse a bad format before the work
         image, squeezed = fit_to_model(image, plan)
         t0 = time.perf_counter()
-        labels, _ = predictor.predict_array(image, tta=tta, probabilities=False)  # labels only: less memory
+        spacing = geom.spacing if geom is not None and len(geom.spacing) == image.ndim - 1 else None
+        labels, _ = predictor.predict_array(image, tta=tta, probabilities=False,  # labels only: less memory
+                                            spacing=spacing)
         seconds = time.perf_counter() - t0
     except InputError as exc:
         raise InputError(_client_message(exc, upload, work_dir)) from exc

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -16,17 +17,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medunet.augment import flip_rot90
-from medunet.datasets import Case, Dataset, find_dataset, load_case, validate_dataset
+from medunet.augment import augment_batch, validate_augmentation
+from medunet.datasets import Case, Dataset, find_dataset, validate_dataset
 from medunet.errors import InputError
 from medunet.inference.sliding_window import sliding_window_inference
 from medunet.planning import Plan, fingerprint_dataset, make_plan
-from medunet.preprocessing import normalize
+from medunet.preprocessing.cache import preprocess_dataset
 from medunet.runtime import autocast, memory_format, resolve_device, resolve_precision
 from medunet.training.callbacks import CsvLog, LiveDisplay, plot_curves, save_checkpoint
 from medunet.training.losses import build_loss
+from medunet.training.optim import ModelEMA, build_optimizer
 from medunet.training.sampler import PatchSampler
-from medunet.training.schedule import cosine_with_warmup
+from medunet.training.schedule import learning_rate
 
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
 
@@ -65,6 +67,8 @@ class RunState:
     iteration: int = 0
     elapsed: float = 0.0
     best_dice: float = -1.0
+    stale_epochs: int = 0
+    stopped_early: bool = False
 
 
 @dataclass
@@ -85,6 +89,9 @@ class _Run:
     budget: float | None
     state: RunState
     log: CsvLog
+    ema: ModelEMA | None = None
+    train_net: torch.nn.Module | None = None
+    writer: object | None = None
     started: float = field(default_factory=time.perf_counter)
     elapsed_at_start: float = 0.0
     val_seconds: float = 0.0
@@ -110,28 +117,34 @@ class _Run:
         return self.elapsed() + self.val_seconds + self.step_seconds >= self.budget
 
     def finished(self) -> bool:
+        if self.state.stopped_early:
+            return True
         if self.budget is not None:
             return self.out_of_time()
         return self.state.epoch >= self.epochs
 
     def lr(self) -> float:
-        t = self.plan.training
-        return cosine_with_warmup(self.progress(), t["lr"], t["min_lr"], t.get("warmup_fraction", 0.02))
+        return learning_rate(self.plan.training, self.progress())
+
+    @property
+    def eval_net(self) -> torch.nn.Module:
+        """The network validation scores and ``checkpoint_best.pt`` serves: the EMA when on."""
+        return self.ema.module if self.ema is not None else self.net
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A patch batch, augmented on the training device (one resampling for image and label)."""
         x, y = self.sampler.sample()
-        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-        aug = self.plan.training.get("augment", {})
-        xt, yt = flip_rot90(xt, yt, aug.get("flip", 0.0), aug.get("rot90", 0.0), self.aug_gen)
-        xt = xt.to(self.device, non_blocking=True).contiguous(memory_format=memory_format(self.plan.dim))
-        return xt, yt.to(self.device, non_blocking=True).long()
+        xt = torch.from_numpy(x).to(self.device, non_blocking=True)
+        yt = torch.from_numpy(y).to(self.device, non_blocking=True)
+        xt, yt = augment_batch(xt, yt, self.plan.training.get("augment"), self.aug_gen)
+        return xt.contiguous(memory_format=memory_format(self.plan.dim)), yt.long()
 
 
 def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor) -> float:
     for group in run.optimizer.param_groups:
         group["lr"] = run.lr()
     with autocast(run.device, run.precision):
-        loss = run.loss_fn(run.net(x), y)
+        loss = run.loss_fn((run.train_net or run.net)(x), y)
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     clip = run.plan.training.get("grad_clip")
@@ -140,6 +153,8 @@ def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor) -> float:
         torch.nn.utils.clip_grad_norm_(run.net.parameters(), clip)
     run.scaler.step(run.optimizer)
     run.scaler.update()
+    if run.ema is not None:
+        run.ema.update(run.net)
     return float(loss.detach())
 
 
@@ -164,16 +179,24 @@ def _fit(run: _Run, display: LiveDisplay) -> list[dict]:
         if not losses:
             break
         t_val = time.perf_counter()
-        dice = validate(run.net, run.val_images, run.val_labels, run.plan, run.device, run.precision)
+        dice = validate(run.eval_net, run.val_images, run.val_labels, run.plan, run.device, run.precision)
         run.val_seconds = time.perf_counter() - t_val
         run.state.epoch += 1
         row = _epoch_row(run, losses, dice, time.perf_counter() - t_epoch, t_data)
         run.log.write(row)
         plot_curves(run.log.path, run.model_dir / "curves.png")
         history.append(row)
-        improved = row["val_dice"] > run.state.best_dice
+        _tensorboard(run, row)
+        improved = row["val_dice"] > run.state.best_dice + float(run.plan.training.get("min_delta", 0.0))
         if improved:
             run.state.best_dice = row["val_dice"]
+            run.state.stale_epochs = 0
+        else:
+            run.state.stale_epochs += 1
+        patience = int(run.plan.training.get("patience", 0) or 0)
+        if patience and run.state.stale_epochs >= patience:
+            run.state.stopped_early = True
+            display.epoch_line(f"early stop: no better validation Dice for {patience} epochs")
         run.state.elapsed = run.elapsed()
         _save(run, best=improved)
         display.update(_completed(run), epoch=run.state.epoch, dice=f"{row['val_dice']:.4f}")
@@ -182,6 +205,17 @@ def _fit(run: _Run, display: LiveDisplay) -> list[dict]:
             f"{' *' if improved else ''}  lr {row['lr']:.2e}  {row['epoch_seconds']:.1f}s"
         )
     return history
+
+
+def _tensorboard(run: _Run, row: dict) -> None:
+    """Every numeric column of the epoch row as a scalar, stepped by epoch."""
+    if run.writer is None:
+        return
+    for key, value in row.items():
+        if key != "epoch" and isinstance(value, (int, float)):
+            group = "val" if key.startswith("val_") else "train"
+            run.writer.add_scalar(f"{group}/{key}", value, row["epoch"])
+    run.writer.flush()
 
 
 def _completed(run: _Run) -> float:
@@ -200,6 +234,7 @@ def _epoch_row(run: _Run, losses: list[float], dice: list[float], seconds: float
     row.update({
         "lr": run.optimizer.param_groups[0]["lr"],
         "epoch_seconds": round(seconds, 3),
+        "val_seconds": round(run.val_seconds, 3),
         "data_wait_share": round(data_s / max(seconds, 1e-9), 4),
         "elapsed_seconds": round(run.elapsed(), 2),
     })
@@ -215,8 +250,9 @@ def validate(net: torch.nn.Module, images: list[np.ndarray], labels: list[np.nda
     tp, fp, fn = np.zeros(k), np.zeros(k), np.zeros(k)
     for img, lab in zip(images, labels, strict=True):
         probs = sliding_window_inference(
-            net, torch.from_numpy(img), plan.patch_size, k, overlap=plan.inference.get("overlap", 0.5),
-            batch_size=plan.batch_size, precision=precision, device=device)
+            net, torch.from_numpy(np.array(img, dtype=np.float32)), plan.patch_size, k,
+            overlap=plan.inference.get("overlap", 0.5), batch_size=plan.batch_size, precision=precision,
+            device=device)
         pred = probs.argmax(0).numpy()
         for c in range(1, k):
             p, g = pred == c, lab == c
@@ -231,7 +267,8 @@ def validate(net: torch.nn.Module, images: list[np.ndarray], labels: list[np.nda
 def _save(run: _Run, best: bool) -> None:
     state = {
         "model": run.net.state_dict(),
-        "ema_model": None,
+        "ema_model": run.ema.module.state_dict() if run.ema is not None else None,
+        "ema": {k: v for k, v in run.ema.state_dict().items() if k != "model"} if run.ema else None,
         "optimizer": run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict(),
         "state": vars(run.state).copy(),
@@ -249,46 +286,133 @@ def _split(model_dir: Path, cases: list[Case], val_fraction: float, seed: int) -
     path = model_dir / "splits.json"
     if path.is_file():
         split = json.loads(path.read_text())
-        known = {c.case_id for c in cases}
-        missing = [c for c in split["train"] + split["val"] if c not in known]
-        if missing:
-            raise InputError(f"splits.json names cases that are not in the dataset: {missing[:3]}", path)
+        _check_known(split["train"] + split["val"], cases, path)
         return split
     ids = sorted(c.case_id for c in cases)
     rng = np.random.default_rng(seed)
     rng.shuffle(ids)
     n_val = max(1, int(round(len(ids) * val_fraction))) if len(ids) > 1 else 0
-    split = {"seed": seed, "val": sorted(ids[:n_val]), "train": sorted(ids[n_val:])}
+    split = {"seed": seed, "val": sorted(ids[:n_val]), "train": sorted(ids[n_val:]), "data": data_root(cases)}
     if not split["val"]:  # a single case: validate on it (the user sees it in splits.json)
         split["val"] = list(split["train"])
-    path.write_text(json.dumps(split, indent=2))
+    _write_json(path, split)
     return split
 
 
-def _load(cases: list[Case], dataset: Dataset, plan: Plan) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    images, labels = [], []
-    for c in cases:
-        img, lab, _ = load_case(c, dataset)
-        images.append(normalize(img, plan.normalization))
-        labels.append(lab)
-    return images, labels
+def data_root(cases: list[Case]) -> str | None:
+    """The dataset folder, recorded in ``splits.json`` so ``distill`` can find the data again."""
+    if not cases:
+        return None
+    label = cases[0].label_path or cases[0].image_paths[0]
+    return str(label.resolve().parent.parent)
 
 
-def prepare_plan(data: str | Path, preset: str = "default",
-                 overrides: dict | None = None) -> tuple[Dataset, Plan]:
-    """Find and validate the dataset, fingerprint it and derive the (overridden) plan."""
+def _check_known(ids: list[str], cases: list[Case], path: Path) -> None:
+    known = {c.case_id for c in cases}
+    missing = [c for c in ids if c not in known]
+    if missing:
+        raise InputError(f"splits.json names cases that are not in the dataset: {missing[:3]}", path,
+                         "restore the missing cases or delete splits.json to draw new folds")
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def cv_folds(model_dir: Path, cases: list[Case], n_folds: int, seed: int) -> dict:
+    """``n_folds`` cross-validation folds, drawn once (seeded) and kept in ``splits.json`` of the
+    parent model directory; every ``fold_k/`` then trains on the same partition."""
+    path = model_dir / "splits.json"
+    if path.is_file():
+        folds = json.loads(path.read_text())
+        if "folds" not in folds:
+            raise InputError("splits.json holds a single split, not folds", path,
+                             "train folds into a new model directory")
+        _check_known([i for f in folds["folds"] for i in f["val"]], cases, path)
+        return folds
+    if n_folds < 2 or n_folds > len(cases):
+        raise InputError(f"cannot make {n_folds} folds from {len(cases)} cases",
+                         fix="use --folds between 2 and the number of training cases")
+    ids = sorted(c.case_id for c in cases)
+    np.random.default_rng(seed).shuffle(ids)
+    parts = [sorted(ids[k::n_folds]) for k in range(n_folds)]
+    folds = {"seed": seed, "n_folds": n_folds, "folds": [
+        {"train": sorted(i for j, p in enumerate(parts) if j != k for i in p), "val": parts[k]}
+        for k in range(n_folds)]}
+    model_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(path, folds)
+    return folds
+
+
+def _fold_split(parent: Path, run_dir: Path, cases: list[Case], fold: int | str, n_folds: int,
+                seed: int) -> dict:
+    """The split of one fold (``all``: train and validate on every case, as nnU-Net does),
+    also written as the fold directory's own ``splits.json`` so it is self-describing."""
+    path = run_dir / "splits.json"
+    if path.is_file():
+        return _split(run_dir, cases, 0.0, seed)
+    if fold == "all":
+        ids = sorted(c.case_id for c in cases)
+        split = {"seed": seed, "fold": "all", "train": ids, "val": ids, "data": data_root(cases)}
+    else:
+        folds = cv_folds(parent, cases, n_folds, seed)
+        if not 0 <= int(fold) < len(folds["folds"]):
+            raise InputError(f"fold {fold} does not exist ({len(folds['folds'])} folds)",
+                             parent / "splits.json", f"use --fold 0..{len(folds['folds']) - 1} or all")
+        split = {"seed": folds["seed"], "fold": int(fold), **folds["folds"][int(fold)],
+                 "data": data_root(cases)}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(path, split)
+    return split
+
+
+def _load(dataset: Dataset, plan: Plan, cache_dir: Path, split: dict, progress: bool,
+          ) -> tuple[tuple[list[np.ndarray], list[np.ndarray]], tuple[list[np.ndarray], list[np.ndarray]]]:
+    """Preprocess (crop, resample, normalise) into the ``.npy`` cache, reusing cases whose source
+    and plan did not change, and open them memory-mapped: training never holds every case."""
+    ids = list(dict.fromkeys(split["train"] + split["val"]))
+    cached = preprocess_dataset(dataset, plan, cache_dir, case_ids=ids, workers=min(2, os.cpu_count() or 1),
+                                progress=progress)
+
+    def arrays(which: list[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        pairs = [cached[i].load() for i in which]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+    return arrays(split["train"]), arrays(split["val"])
+
+
+def prepare_plan(data: str | Path, preset: str = "default", overrides: dict | None = None,
+                 **plan_options) -> tuple[Dataset, Plan]:
+    """Find and validate the dataset, fingerprint it and derive the (overridden) plan.
+
+    ``plan_options`` go to :func:`medunet.planning.make_plan` (e.g. ``config``, ``ct_window``).
+    """
     dataset = find_dataset(data)
     facts = validate_dataset(dataset)
-    plan = make_plan(dataset, fingerprint_dataset(dataset, facts), preset=preset)
+    plan = make_plan(dataset, fingerprint_dataset(dataset, facts), preset=preset, **plan_options)
     if overrides:
         plan = plan.override(overrides)
     return dataset, plan
 
 
+def _parse_fold(fold: int | str | None) -> int | str | None:
+    if fold is None or isinstance(fold, int):
+        return fold
+    if str(fold).strip().lower() == "all":
+        return "all"
+    if str(fold).strip().isdigit():
+        return int(fold)
+    raise InputError(f"cannot read the fold '{fold}'", fix="use a number (0, 1, ...) or all")
+
+
 def train(data: str | Path, model_dir: str | Path, *, epochs: int | None = None,
           time_budget: str | float | None = None, resume: bool = False, device: str | None = None,
           precision: str | None = None, seed: int = 0, preset: str = "default",
-          overrides: dict | None = None, progress: bool = True, report: bool = True) -> TrainResult:
+          overrides: dict | None = None, progress: bool = True, report: bool = True,
+          fold: int | str | None = None, n_folds: int = 5, tensorboard: bool = False,
+          compile: bool = False, plan_options: dict | None = None) -> TrainResult:
     """Train a U-Net on a dataset folder and write a self-describing model directory.
 
     Args:
@@ -304,39 +428,47 @@ def train(data: str | Path, model_dir: str | Path, *, epochs: int | None = None,
         overrides: plan fields to set, e.g. ``{"patch_size": [128, 128]}``.
         report: at the end, predict the validation cases with the best checkpoint into
             ``validation/`` and write ``validation/report.html`` and ``validation/scores.json``.
+        fold: train one cross-validation fold (``0..n_folds-1``) or ``"all"`` into
+            ``model_dir/fold_<k>/``; the folds are kept in ``model_dir/splits.json`` and the
+            shared plan in ``model_dir/plan.json``. ``None``: one 80/20 split in ``model_dir``.
+        tensorboard: also write TensorBoard event files into ``tensorboard/``.
+        compile: ``torch.compile`` the training network (faster steps after 20-60 s of
+            compilation; validation and checkpoints use the plain network).
+        plan_options: passed to ``make_plan`` (``config``, ``ct_window``, ``window``).
     """
-    model_dir = Path(model_dir)
-    last = model_dir / "checkpoint_last.pt"
+    parent = Path(model_dir)
+    fold = _parse_fold(fold)
+    run_dir = parent if fold is None else parent / f"fold_{fold}"
+    last = run_dir / "checkpoint_last.pt"
     if resume and not last.is_file():
-        raise InputError("nothing to resume: no checkpoint_last.pt", model_dir, "run without --resume")
+        raise InputError("nothing to resume: no checkpoint_last.pt", run_dir, "run without --resume")
     if not resume and last.is_file():
-        raise InputError("the model directory already holds a run", model_dir,
+        raise InputError("the model directory already holds a run", run_dir,
                          "add --resume to continue or extend it, or choose another -o")
     budget = parse_duration(time_budget) if time_budget is not None else None
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
-    if resume:
-        dataset = find_dataset(data)
-        validate_dataset(dataset)
-        plan = Plan.load(model_dir)
-        if overrides:
-            plan = plan.override(overrides)
-    else:
-        dataset, plan = prepare_plan(data, preset, overrides)
+    opts = dict(plan_options or {})
+    if dev.type == "cuda":  # plan the patch and batch for this GPU's memory
+        opts.setdefault("device_memory_gb", torch.cuda.get_device_properties(dev).total_memory / 2**30)
+    dataset, plan = _run_plan(data, parent, run_dir, resume, fold is not None, preset, overrides, opts)
+    validate_augmentation(plan.training.get("augment"))  # a bad --set fails before data loads
     if epochs is None and budget is None:
         epochs = int(plan.training["epochs"])
-    model_dir.mkdir(parents=True, exist_ok=True)
-    plan.save(model_dir / "plan.json")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plan.save(run_dir / "plan.json")
 
-    split = _split(model_dir, dataset.train, plan.training.get("val_fraction", 0.2), seed)
-    by_id = {c.case_id: c for c in dataset.train}
-    tr_img, tr_lab = _load([by_id[i] for i in split["train"]], dataset, plan)
-    val_img, val_lab = _load([by_id[i] for i in split["val"]], dataset, plan)
+    if fold is None:
+        split = _split(run_dir, dataset.train, plan.training.get("val_fraction", 0.2), seed)
+    else:
+        split = _fold_split(parent, run_dir, dataset.train, fold, n_folds, seed)
+    (tr_img, tr_lab), (val_img, val_lab) = _load(dataset, plan, parent / "preprocessed", split, progress)
 
     torch.manual_seed(seed)
     net = plan.build_network().to(dev).to(memory_format=memory_format(plan.dim))
     t = plan.training
-    optimizer = torch.optim.AdamW(net.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
+    optimizer = build_optimizer(net, t)
+    ema = ModelEMA(net, float(t["ema"])) if t.get("ema") else None
     aug_gen = torch.Generator().manual_seed(seed)
     sampler = PatchSampler(tr_img, tr_lab, plan.patch_size, plan.batch_size, t["fg_oversample"],
                            np.random.default_rng(seed))
@@ -348,28 +480,114 @@ def train(data: str | Path, model_dir: str | Path, *, epochs: int | None = None,
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         state = RunState(**ckpt["state"])
+        state.stopped_early = False  # a resumed (extended) run may go on; patience still counts
+        if ema is not None and ckpt.get("ema_model") is not None:
+            ema.load_state_dict({**ckpt["ema"], "model": ckpt["ema_model"]})
         sampler.rng.bit_generator.state = ckpt["sampler_rng"]
         aug_gen.set_state(ckpt["aug_rng"])
         torch.set_rng_state(ckpt["torch_rng"])
-    run = _Run(plan=plan, model_dir=model_dir, net=net, optimizer=optimizer, scaler=scaler,
-               loss_fn=build_loss(t["loss"]), sampler=sampler, aug_gen=aug_gen, val_images=val_img,
+    run = _Run(plan=plan, model_dir=run_dir, net=net, optimizer=optimizer, scaler=scaler,
+               loss_fn=_loss(plan, net), sampler=sampler, aug_gen=aug_gen, val_images=val_img,
                val_labels=val_lab, device=dev, precision=prec, epochs=epochs, budget=budget,
-               state=state, log=CsvLog(model_dir / "log.csv"), elapsed_at_start=state.elapsed)
+               state=state, log=CsvLog(run_dir / "log.csv"), elapsed_at_start=state.elapsed, ema=ema,
+               train_net=torch.compile(net) if compile else None,
+               writer=_summary_writer(run_dir, state.epoch) if tensorboard else None)
     run.log.truncate_after(state.epoch)
     total = budget if budget is not None else epochs * run.ipe
-    with LiveDisplay(total, "train", enabled=progress) as display:
-        display.epoch_line(
-            f"training {plan.dim}D U-Net on {len(tr_img)} cases (val {len(val_img)}), patch "
-            f"{plan.patch_size} x batch {plan.batch_size}, {dev.type} {prec}"
-            + (f", budget {budget:.0f}s" if budget else f", {epochs} epochs"))
-        history = _fit(run, display)
-    if not (model_dir / "checkpoint_last.pt").is_file():
-        raise InputError("the time budget ended before one epoch finished", model_dir,
+    try:
+        with LiveDisplay(total, "train", enabled=progress) as display:
+            display.epoch_line(
+                f"training {plan.dim}D U-Net on {len(tr_img)} cases (val {len(val_img)}), patch "
+                f"{plan.patch_size} x batch {plan.batch_size}, {dev.type} {prec}"
+                + (f", fold {fold}" if fold is not None else "")
+                + (f", budget {budget:.0f}s" if budget else f", {epochs} epochs"))
+            history = _fit(run, display)
+    finally:
+        if run.writer is not None:
+            run.writer.close()
+    if not last.is_file():
+        raise InputError("the time budget ended before one epoch finished", run_dir,
                          "give a larger --time-budget")
     if report:
-        validation_report(model_dir, dataset, split["val"], device=device, precision=precision)
-    return TrainResult(model_dir, state.best_dice if math.isfinite(state.best_dice) else float("nan"),
+        validation_report(run_dir, dataset, split["val"], device=device, precision=precision)
+    return TrainResult(run_dir, state.best_dice if math.isfinite(state.best_dice) else float("nan"),
                        state.epoch, state.iteration, run.elapsed(), history)
+
+
+def _loss(plan: Plan, net: torch.nn.Module) -> torch.nn.Module:
+    """The plan's loss; with deep supervision it weighs every decoder head's output."""
+    t = plan.training
+    heads = len(net.heads) if getattr(net, "deep_supervision", False) else 0
+    return build_loss(t["loss"], plan.num_classes, t.get("loss_options"), deep_supervision=heads)
+
+
+def _run_plan(data: str | Path, parent: Path, run_dir: Path, resume: bool, folds: bool, preset: str,
+              overrides: dict | None, plan_options: dict) -> tuple[Dataset, Plan]:
+    """The run's plan: reloaded on resume; for folds, the parent's shared plan (made once)."""
+    if resume or (folds and (parent / "plan.json").is_file()):
+        dataset = find_dataset(data)
+        validate_dataset(dataset)
+        plan = Plan.load(run_dir if resume else parent)
+        return dataset, plan.override(overrides) if overrides else plan
+    dataset, plan = prepare_plan(data, preset, overrides, **plan_options)
+    if folds:
+        plan.save(parent / "plan.json")
+    return dataset, plan
+
+
+def _summary_writer(run_dir: Path, epoch: int):
+    """TensorBoard writer; events past ``epoch`` (a killed run's) are purged on resume."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise InputError("TensorBoard logging needs the tensorboard package",
+                         fix="pip install tensorboard (or drop --tensorboard)") from exc
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=epoch + 1)
+
+
+def train_folds(data: str | Path, model_dir: str | Path, n_folds: int = 5, *, resume: bool = False,
+                report: bool = True, **kwargs) -> list[TrainResult]:
+    """Train every fold into ``model_dir/fold_<k>/`` (one after the other), then choose the
+    post-processing on the pooled out-of-fold predictions (cross-validation, like nnU-Net) and
+    store it in ``model_dir/plan.json``, which the fold ensemble uses at inference."""
+    parent = Path(model_dir)
+    results = []
+    for k in range(n_folds):
+        done = (parent / f"fold_{k}" / "checkpoint_last.pt").is_file()
+        if done and not resume:
+            raise InputError("the model directory already holds folds", parent,
+                             "add --resume to continue, or choose another -o")
+        results.append(train(data, parent, fold=k, n_folds=n_folds, resume=done, report=report,
+                             **kwargs))
+    if report:
+        choose_cv_postprocessing(parent, find_dataset(data))
+    return results
+
+
+def choose_cv_postprocessing(parent: Path, dataset: Dataset) -> dict:
+    """Post-processing chosen on every fold's validation predictions together (before each
+    fold's own choice was applied: those are kept in ``validation/raw/``)."""
+    from medunet.inference import choose_postprocessing
+    from medunet.io import read_label
+
+    by_id = {c.case_id: c for c in dataset.train}
+    preds, refs = [], []
+    for fold_dir in sorted(parent.glob("fold_*")):
+        split = fold_dir / "splits.json"
+        val = fold_dir / "validation"
+        if not split.is_file() or not val.is_dir():
+            continue
+        for cid in json.loads(split.read_text())["val"]:
+            found = [p for d in (val / "raw", val) for p in d.glob(f"{cid}.*")
+                     if p.name[len(cid):] not in (".json", ".npz")]
+            if found and cid in by_id:
+                preds.append(read_label(found[0])[0])
+                refs.append(read_label(by_id[cid].label_path)[0])
+    plan = Plan.load(parent)
+    choice = choose_postprocessing(preds, refs, plan.label_values) if preds else {"classes": {}}
+    plan.inference["postprocessing"] = choice
+    plan.save(parent / "plan.json")
+    return choice
 
 
 def validation_report(model_dir: Path, dataset: Dataset, case_ids: list[str],
@@ -398,8 +616,10 @@ def validation_report(model_dir: Path, dataset: Dataset, case_ids: list[str],
     plan.save(model_dir / "plan.json")
     if choice["classes"]:
         background = int(plan.label_values[0])
+        (out / "raw").mkdir(exist_ok=True)
         for path, pred in zip(written, preds, strict=True):
             _, geom = read_image(path)
+            write_image(out / "raw" / path.name, pred, geom)  # kept for a cross-validation choice
             write_image(path, apply_postprocessing(pred, choice, background), geom)
     first = by_id[case_ids[0]]
     evaluate(out, first.label_path.parent, labels=[v for v in dataset.label_values if v != 0],

@@ -1,0 +1,112 @@
+"""Training throughput: medunet vs nnU-Net v2, same CPU, same 2D patch, batch and network, one run.
+
+    python bench/throughput.py [--seconds 180] [--patch 128 128] [--batch 2] [--out r.json]
+
+nnU-Net trains DRIVE's 2d configuration with its default trainer (SGD, its augmentation in its
+own background workers, deep supervision), its plans cut to the patch (fewer stages, as
+nnunet_budget.py does) and a wall-clock limit. medunet then trains the same data with the
+same patch, batch and network shape (nnU-Net's features per stage and strides, instance norm,
+leaky ReLU, strided-conv down-sampling, transposed-conv up-sampling, deep supervision) and its
+own defaults otherwise (augmentation on the training device, bf16 + channels_last where the CPU
+has native bf16). Iterations per second count training steps including waiting for data,
+not validation or start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DATA, PEERS, emit, machine  # noqa: E402
+from _nnunet import NnUNet  # noqa: E402
+
+
+def nnunet_params(nn: NnUNet, plans_name: str) -> int | None:
+    ds = next(d for d in nn.pre.iterdir() if d.name.startswith("Dataset001_"))
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import nnunet_budget as b; "
+            "print(b.count_params(sys.argv[2], sys.argv[3], '2d'))")
+    out = subprocess.run([str(nn.python), "-c", code, str(PEERS), str(ds / f"{plans_name}.json"),
+                          str(ds / "dataset.json")], capture_output=True, text=True).stdout.split()
+    return int(out[-1]) if out and out[-1].isdigit() else None
+
+
+def run_nnunet(nn: NnUNet, args: argparse.Namespace) -> dict:
+    nn.preprocess(1, "2d")
+    plans_name = nn.patch_plans(1, "2d", args.patch, args.batch)
+    tag = f"throughput_{plans_name}"
+    shutil.rmtree(nn.root / "results" / tag, ignore_errors=True)  # always a fresh, timed run
+    s = nn.train(1, "2d", args.seconds, tag, plans_name)
+    arch = nn.plans(1, plans_name)["configurations"]["2d"]["architecture"]["arch_kwargs"]
+    steps_s = s["time_in_train_steps_s"]
+    return {"iterations": s["total_train_iters"], "train_step_seconds": steps_s,
+            "iterations_per_second": round(s["total_train_iters"] / steps_s, 3),
+            "median_step_seconds": round(s["iter_s_median"], 4), "setup_seconds": s["setup_s"],
+            "patch_size": s["patch_size"], "batch_size": s["batch_size"],
+            "parameters": nnunet_params(nn, plans_name), "arch": arch, "plans": plans_name}
+
+
+def run_medunet(args: argparse.Namespace, arch: dict) -> dict:
+    from medunet.cli import parse_overrides
+    from medunet.planning import Plan
+    from medunet.training import train
+
+    strides = [list(s) for s in arch["strides"][1:]]  # nnU-Net's first stage does not pool
+    overrides = {
+        "patch_size": list(args.patch), "batch_size": args.batch,
+        "network.features": list(arch["features_per_stage"]), "network.strides": strides,
+        "network.kernel_sizes": [list(k) for k in arch["kernel_sizes"]],
+        "network.norm": "instance", "network.act": "leakyrelu", "network.down": "conv",
+        "network.up": "transpose", "network.n_convs": 2, "network.deep_supervision": True,
+        "training.iterations_per_epoch": 10**6, "training.patience": 0,
+    }
+    overrides.update(parse_overrides(args.overrides))
+    work = args.work / "medunet"
+    shutil.rmtree(work, ignore_errors=True)
+    t0 = time.perf_counter()
+    res = train(DATA / "Dataset001_DRIVE", work, time_budget=args.seconds, overrides=overrides,
+                progress=False, report=False)
+    wall = time.perf_counter() - t0
+    row = list(csv.DictReader((work / "log.csv").open()))[-1]
+    steps_s = float(row["epoch_seconds"]) - float(row["val_seconds"])
+    plan = Plan.load(work)
+    return {"iterations": res.iterations, "train_step_seconds": round(steps_s, 1),
+            "iterations_per_second": round(res.iterations / steps_s, 3),
+            "data_wait_share": float(row["data_wait_share"]), "wall_seconds": round(wall, 1),
+            "patch_size": plan.patch_size, "batch_size": plan.batch_size,
+            "parameters": sum(p.numel() for p in plan.build_network().parameters()),
+            "augment": plan.training.get("augment")}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=180.0, help="training time for each")
+    ap.add_argument("--patch", type=int, nargs=2, default=[128, 128])
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--nnunet-python", type=Path, default=Path("/tmp/nnunet_venv/bin/python"))
+    ap.add_argument("--root", type=Path, default=Path("/tmp/nnunet_root"))
+    ap.add_argument("--work", type=Path, default=Path("/tmp/medunet_bench_throughput"))
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    info = machine()
+    nn = NnUNet(args.nnunet_python, args.root)
+    peer = run_nnunet(nn, args)
+    ours = run_medunet(args, peer["arch"])
+    result = {"benchmark": "throughput", "dataset": "Dataset001_DRIVE 2d", "seconds_each": args.seconds,
+              "medunet": ours, "nnunet": {k: v for k, v in peer.items() if k != "arch"},
+              "speedup": round(ours["iterations_per_second"] / peer["iterations_per_second"], 2),
+              "machine": info}
+    result["machine"]["loadavg_end"] = list(os.getloadavg())
+    emit(result, args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -25,7 +25,6 @@ every layer's input), and the initialised student is validated and saved as "epo
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -41,14 +40,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medunet.datasets import Case, Dataset, find_dataset, load_case, validate_dataset
+from medunet.augment import augment_batch
+from medunet.datasets import Case, Dataset, find_dataset, validate_dataset
 from medunet.errors import InputError
 from medunet.planning import Plan
-from medunet.preprocessing import normalize
+from medunet.preprocessing.cache import preprocess_dataset
 from medunet.runtime import autocast, memory_format, resolve_device, resolve_precision
 from medunet.training.callbacks import CsvLog, LiveDisplay, plot_curves, save_checkpoint
 from medunet.training.losses import build_loss
+from medunet.training.optim import build_optimizer
 from medunet.training.sampler import PatchSampler
+from medunet.training.schedule import learning_rate
 from medunet.training.trainer import parse_duration, validate
 
 INITS = ("prune", "random")
@@ -328,21 +330,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 def supervised_loss(plan: Plan) -> nn.Module:
-    """The plan's hard-label loss; copes with ``build_loss(name)`` and the richer
-    ``build_loss(name, num_classes, options=None, deep_supervision=0)``."""
+    """The plan's hard-label loss on the full-resolution output (distillation supervises only it)."""
     t = plan.training
-    params = inspect.signature(build_loss).parameters
-    kwargs: dict = {}
-    if "num_classes" in params:
-        kwargs["num_classes"] = plan.num_classes
-    if "options" in params:
-        kwargs["options"] = t.get("loss_options")
-    if "deep_supervision" in params:
-        kwargs["deep_supervision"] = 0  # distillation supervises the full-resolution output only
-    try:
-        return build_loss(t.get("loss", "dice_ce"), **kwargs)
-    except ValueError as exc:
-        raise InputError(f"invalid loss ({exc})", "plan.json", "fix training.loss") from exc
+    return build_loss(t.get("loss", "dice_ce"), plan.num_classes, t.get("loss_options"), deep_supervision=0)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
@@ -380,18 +370,8 @@ def recorded_data(teacher_dir: Path) -> Path | None:
 def _load_cases(cases: list[Case], dataset: Dataset, plan: Plan, cache_dirs: list[Path]
                 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The cases as the teacher saw them: preprocessed (crop, resample, normalise) through the
-    shared ``.npy`` cache where the package has one, reusing the teacher's cache when it exists
-    (its key is the preprocessing part of the plan, which the student shares), else the first
-    of ``cache_dirs``; without the cache module, loaded and normalised in memory."""
-    try:
-        from medunet.preprocessing.cache import preprocess_dataset
-    except ImportError:
-        images, labels = [], []
-        for c in cases:
-            img, lab, _ = load_case(c, dataset)
-            images.append(normalize(img, plan.normalization))
-            labels.append(lab)
-        return images, labels
+    shared ``.npy`` cache, reusing the teacher's cache when it exists (its key is the
+    preprocessing part of the plan, which the student shares), else the first of ``cache_dirs``."""
     cache_dir = next((d for d in cache_dirs[1:] if d.is_dir()), cache_dirs[0])
     ids = [c.case_id for c in cases]
     workers = 1 if len(ids) <= 8 else min(2, os.cpu_count() or 1)  # a pool costs seconds to start
@@ -427,16 +407,6 @@ def _teacher_split(teacher_dir: Path, dataset: Dataset, plan: Plan, seed: int) -
     return split
 
 
-def _augment(x: torch.Tensor, y: torch.Tensor, config: dict, gen: torch.Generator
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The plan's augmentation: ``augment_batch`` where the package has it, else flip/rot90."""
-    import medunet.augment as aug
-
-    if hasattr(aug, "augment_batch"):
-        return aug.augment_batch(x, y, config, gen)
-    return aug.flip_rot90(x, y, config.get("flip", 0.0), config.get("rot90", 0.0), gen)
-
-
 # --------------------------------------------------------------------------------------------
 # the run
 
@@ -446,23 +416,6 @@ def _write_json(path: Path, data: dict) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2)
     os.replace(tmp, path)
-
-
-def _lr(training: dict, progress: float) -> float:
-    from medunet.training import schedule
-
-    if hasattr(schedule, "learning_rate"):
-        return schedule.learning_rate(training, progress)
-    return schedule.cosine_with_warmup(progress, training["lr"], training["min_lr"],
-                                       training.get("warmup_fraction", 0.02))
-
-
-def _optimizer(net: nn.Module, training: dict) -> torch.optim.Optimizer:
-    try:
-        from medunet.training.optim import build_optimizer
-    except ImportError:
-        return torch.optim.AdamW(net.parameters(), lr=training["lr"], weight_decay=training["weight_decay"])
-    return build_optimizer(net, training)
 
 
 def time_per_image(nets: dict[str, nn.Module], images: list[np.ndarray], plan_of: dict[str, Plan],
@@ -601,7 +554,7 @@ def distill(teacher_dir: str | Path, student_dir: str | Path, data: str | Path |
         s_plan.save(student_dir / "plan.json")
         _write_json(student_dir / "splits.json", split)
         _write_json(student_dir / "distill.json", config)
-        run = _DistillRun(s_plan, student_dir, teacher, student, _optimizer(student, t),
+        run = _DistillRun(s_plan, student_dir, teacher, student, build_optimizer(student, t),
                           torch.amp.GradScaler(dev.type, enabled=prec == "fp16"), supervised_loss(s_plan),
                           sampler, aug_gen, val_img, val_lab, dev, prec, epochs, budget, temperature, alpha,
                           CsvLog(student_dir / "log.csv"))
@@ -704,13 +657,13 @@ class _DistillRun:
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.sampler.sample()
-        xt, yt = _augment(torch.from_numpy(x), torch.from_numpy(y), self.plan.training.get("augment", {}),
-                          self.aug_gen)
+        xt, yt = augment_batch(torch.from_numpy(x), torch.from_numpy(y),
+                               self.plan.training.get("augment", {}), self.aug_gen)
         xt = xt.to(self.device, non_blocking=True).contiguous(memory_format=memory_format(self.plan.dim))
         return xt, yt.to(self.device, non_blocking=True).long()
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
-        lr = _lr(self.plan.training, self.progress())
+        lr = learning_rate(self.plan.training, self.progress())
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with torch.inference_mode(), autocast(self.device, self.precision):

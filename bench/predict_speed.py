@@ -126,17 +126,22 @@ def bench_nnunet(nn, name: str, dataset_id: int, config: str, image_path: Path, 
 
 
 def _speedup(results: list[dict]) -> list[dict]:
-    """Our default (torch, plan precision, TTA none) against nnU-Net's default (TTA on)."""
+    """Our default (torch at the auto precision, the plan's default TTA: ``flip`` for 3D, ``none``
+    for 2D, see planning.default_tta) against nnU-Net's default (TTA on)."""
+    from medunet.planning.plan import default_tta
+
     out = []
+    shapes = {r["case"]: r["image_shape"] for r in results if "image_shape" in r}
     for case in dict.fromkeys(r["case"] for r in results if "backend" in r):
         rows = [r for r in results if r.get("case") == case and "backend" in r]
-        ours = [r for r in rows if r["backend"] == "torch" and r["tta"] == "none"]
+        tta = default_tta(len(shapes[case]) - 1, "3d")
+        ours = [r for r in rows if r["backend"] == "torch" and r["tta"] == tta]
         peer = [r for r in rows if r["backend"] == "nnunet" and r["tta"] != "none"]
         if not ours or not peer:
             continue
         default = min(ours, key=lambda r: r["seconds"])  # bf16 where the CPU has it (the default)
         best = max((r for r in rows if r["backend"] != "nnunet"), key=lambda r: r["dice"])
-        out.append({"case": case, "ours_default": f"torch {default['precision']} tta none",
+        out.append({"case": case, "ours_default": f"torch {default['precision']} tta {tta}",
                     "ours_seconds": default["seconds"], "nnunet_default_seconds": peer[0]["seconds"],
                     "speedup": round(peer[0]["seconds"] / default["seconds"], 1),
                     "dice_default": default["dice"], "dice_most_accurate": best["dice"],

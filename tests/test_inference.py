@@ -467,3 +467,17 @@ def test_predictor_plain_path_when_nothing_changes():
     old = _geometry_plan()
     old.preprocessing = {}
     assert Predictor(old, [_SignNet()])._prepare(image, (0.7, 0.9, 3.0))[1] is None
+
+
+def test_tta_auto_is_the_plans_default(tmp_path):
+    model = _model_dir(tmp_path, 3)
+    pred = Predictor.load(model, precision="fp32")
+    assert pred.resolve_tta("auto") == "none"  # an older plan without inference.tta
+    pred.plan.inference["tta"] = "flip"
+    assert pred.resolve_tta("auto") == "flip" and pred.resolve_tta("none") == "none"
+    vol = np.random.default_rng(3).normal(size=(1, 20, 18, 12)).astype(np.float32)
+    auto, _ = pred.predict_array(vol, tta="auto")
+    flip, _ = pred.predict_array(vol, tta="flip")
+    np.testing.assert_array_equal(auto, flip)
+    with pytest.raises(InputError, match="unknown test-time augmentation"):
+        pred.predict(tmp_path, tmp_path / "o", tta="spin", progress=False)

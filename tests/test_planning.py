@@ -34,6 +34,11 @@ def test_plan_2d_grey(tmp_path):
     assert all(p >= s for p, s in zip(plan.patch_size, (40, 72), strict=True))
     assert plan.batch_size == 16  # small patches: the batch cap
     assert len(plan.network["features"]) == len(plan.network["strides"]) + 1
+    assert plan.inference["tta"] == "none"  # 2D: no TTA by default
+    # the training defaults issue 6 asks for: EMA, early stopping (patience 15), the full augmentation
+    t = plan.training
+    assert t["ema"] == 0.99 and t["patience"] == 15 and t["schedule"] == "cosine" and t["loss"] == "dice_ce"
+    assert {"rotation", "scaling", "elastic", "gamma", "noise", "blur", "lowres"} <= set(t["augment"])
 
 
 def test_plan_3d_anisotropic_strides(tmp_path):
@@ -152,6 +157,7 @@ def test_plan_isotropic_3d(tmp_path):
     assert plan.network["kernel_sizes"] == [[3, 3, 3]] * len(plan.network["features"])
     assert fp["modalities"] == ["mr"] and fp["crop_kept"] == [1.0, 1.0]
     assert plan.normalization == [{"scheme": "zscore"}]
+    assert plan.inference["tta"] == "flip" and "mirroring" in plan.reasons["inference.tta"]
     with pytest.raises(InputError, match="configuration '2d' is not offered"):
         make_plan(ds, fp, config="2d")
     with pytest.raises(InputError, match="unknown configuration"):
@@ -181,6 +187,7 @@ def test_plan_anisotropic_3d_and_its_2d_configuration(tmp_path):
     assert p2.network["strides"] == [[1, 2, 2]] * 3
     assert p2.network["kernel_sizes"] == [[1, 3, 3]] * 4
     assert p2.batch_size == 16  # the 2D step budget over 32 x 32 patches, capped
+    assert p2.inference["tta"] == "none" and plan.inference["tta"] == "flip"  # slice by slice: 2D rule
     net = p2.build_network()
     assert all(m.kernel_size == (1, 3, 3) for m in net.modules() if isinstance(m, torch.nn.Conv3d)
                and m.kernel_size != (1, 1, 1))

@@ -287,3 +287,17 @@ def test_multi_channel_3d_trains_and_predicts(tmp_dataset, tmp_path):
     label, lgeom = read_image(written[0])
     assert label.shape[1:] == image.shape[1:]
     np.testing.assert_allclose(lgeom.spacing, geom.spacing)
+
+
+@pytest.mark.slow
+def test_compile_trains_and_saves_plain_weights(tiny_data, tmp_path):
+    """--compile: the compiled network trains; checkpoints hold the plain network's keys, so
+    they load without torch.compile."""
+    from medunet.inference.predictor import load_network
+
+    res = train(tiny_data, tmp_path / "m", epochs=1, overrides={"training.iterations_per_epoch": 2},
+                progress=False, report=False, compile=True, precision="fp32")
+    assert res.iterations == 2
+    ckpt = torch.load(tmp_path / "m" / "checkpoint_last.pt", weights_only=True)
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+    load_network(tmp_path / "m")

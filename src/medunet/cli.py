@@ -183,8 +183,9 @@ def predict(
         None, "--model", "-m", help="another model directory to ensemble with MODEL (repeatable)"),
     save_probabilities: bool = typer.Option(False, help="also write {case}.npz with class probabilities"),
     checkpoint: str = typer.Option("best", help="best or last"),
-    tta: str = typer.Option("none", help="test-time augmentation: none, flip (mirror every axis), "
-                            "full (flips + +-10 degree in-plane rotations)"),
+    tta: str = typer.Option("auto", help="test-time augmentation: auto (the plan's: flip for 3D models, "
+                            "none for 2D), none, flip (mirror every axis), full (flips + +-10 degree "
+                            "in-plane rotations)"),
     overlap: float | None = typer.Option(None, help="sliding-window overlap in [0, 1) (default: the "
                                          "plan's, 0.5)"),
     postprocess: str = typer.Option("auto", help="auto (the choice made on the validation cases), none, "

@@ -265,11 +265,16 @@ class Predictor:
             groups.setdefault(key, (m.plan, []))[1].append(m.backend)
         return list(groups.values())
 
+    def resolve_tta(self, tta: str) -> str:
+        """``auto`` is the plan's default (``inference.tta``: mirroring for 3D models, none for
+        2D, see make_plan); any other mode is used as given."""
+        return self.plan.inference.get("tta", "none") if tta == "auto" else tta
+
     @torch.inference_mode()
     def _run(self, image: np.ndarray, tta: str, probabilities: bool, labels: bool,
              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         plan = self.plan
-        transforms = tta_transforms(tta, plan.dim, rotation_plane(plan.spacing, plan.dim))
+        transforms = tta_transforms(self.resolve_tta(tta), plan.dim, rotation_plane(plan.spacing, plan.dim))
         k = plan.num_classes
         groups = self._groups()
         total: torch.Tensor | None = None
@@ -423,11 +428,11 @@ class Predictor:
         return out
 
     def predict(self, inputs: str | Path, out_dir: str | Path, save_probabilities: bool = False,
-                progress: bool = True, tta: str = "none", overlay: bool = False,
+                progress: bool = True, tta: str = "auto", overlay: bool = False,
                 dicom_seg: bool = True) -> list[Path]:
         """Predict a file or a folder (of images, or of DICOM series); returns the written
         label files. ``dicom_seg``: also write a DICOM-SEG for each DICOM series."""
-        tta_transforms(tta, self.plan.dim)  # a bad mode fails before any file is read
+        tta_transforms(self.resolve_tta(tta), self.plan.dim)  # a bad mode fails before any file is read
         out_dir = Path(out_dir)
         cases = find_inputs(inputs, self.plan.in_channels)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -90,7 +90,7 @@ def tta_transforms(mode: str, dim: int, plane: tuple[int, int] = (0, 1)) -> list
     """``none``: identity; ``flip``: every mirror combination (4 in 2D, 8 in 3D);
     ``full``: those plus +-10 degree in-plane rotations."""
     if mode not in TTA_MODES:
-        raise InputError(f"unknown test-time augmentation '{mode}'", fix=f"use {', '.join(TTA_MODES)}")
+        raise InputError(f"unknown test-time augmentation '{mode}'", fix=f"use auto, {', '.join(TTA_MODES)}")
     if mode == "none":
         return [Transform()]
     flips = [Transform(flip=tuple(a for a in range(dim) if mask >> a & 1)) for mask in range(2**dim)]

@@ -48,7 +48,7 @@ from medunet.preprocessing.cache import preprocess_dataset
 from medunet.runtime import autocast, memory_format, resolve_device, resolve_precision
 from medunet.training.callbacks import CsvLog, LiveDisplay, plot_curves, save_checkpoint
 from medunet.training.losses import build_loss
-from medunet.training.optim import build_optimizer
+from medunet.training.optim import backward_and_step, build_optimizer
 from medunet.training.sampler import PatchSampler
 from medunet.training.schedule import learning_rate
 from medunet.training.trainer import parse_duration, validate
@@ -674,14 +674,8 @@ class _DistillRun:
             if isinstance(out, (list, tuple)):  # deep supervision: distil the full-resolution output
                 out = out[0]
             loss, kd, sup = distillation_loss(out, soft, y, self.supervised, self.temperature, self.alpha)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
         clip = self.plan.training.get("grad_clip")
-        if clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.student.parameters(), clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        backward_and_step(loss, self.student, self.optimizer, self.scaler, clip)
         return float(loss.detach()), kd, sup
 
     def fit(self, display: LiveDisplay) -> list[dict]:

@@ -26,6 +26,18 @@ def build_optimizer(net: nn.Module, training: dict) -> torch.optim.Optimizer:
                      f"set training.optimizer to one of {', '.join(OPTIMIZERS)}")
 
 
+def backward_and_step(loss: torch.Tensor, net: nn.Module, optimizer: torch.optim.Optimizer,
+                      scaler: torch.amp.GradScaler, clip: float | None) -> None:
+    """One optimiser step from a loss: scaled backward (fp16), gradient-norm clipping, step."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+    scaler.step(optimizer)
+    scaler.update()
+
+
 class ModelEMA:
     """Exponential moving average of a network's weights, used for validation and saved.
 

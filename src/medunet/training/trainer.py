@@ -26,7 +26,7 @@ from medunet.preprocessing.cache import preprocess_dataset
 from medunet.runtime import autocast, memory_format, resolve_device, resolve_precision
 from medunet.training.callbacks import CsvLog, LiveDisplay, plot_curves, save_checkpoint
 from medunet.training.losses import build_loss
-from medunet.training.optim import ModelEMA, build_optimizer
+from medunet.training.optim import ModelEMA, backward_and_step, build_optimizer
 from medunet.training.sampler import PatchSampler
 from medunet.training.schedule import learning_rate
 
@@ -144,15 +144,8 @@ def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor) -> float:
     for group in run.optimizer.param_groups:
         group["lr"] = run.lr()
     with autocast(run.device, run.precision):
-        loss = run.loss_fn((run.train_net or run.net)(x), y)
-    run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
-    clip = run.plan.training.get("grad_clip")
-    if clip:
-        run.scaler.unscale_(run.optimizer)
-        torch.nn.utils.clip_grad_norm_(run.net.parameters(), clip)
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
+        loss = run.loss_fn((run.net if run.train_net is None else run.train_net)(x), y)
+    backward_and_step(loss, run.net, run.optimizer, run.scaler, run.plan.training.get("grad_clip"))
     if run.ema is not None:
         run.ema.update(run.net)
     return float(loss.detach())

@@ -292,12 +292,17 @@ def test_multi_channel_3d_trains_and_predicts(tmp_dataset, tmp_path):
 @pytest.mark.slow
 def test_compile_trains_and_saves_plain_weights(tiny_data, tmp_path):
     """--compile: the compiled network trains; checkpoints hold the plain network's keys, so
-    they load without torch.compile."""
+    they load without torch.compile. Run in a fresh process: inductor's code cache must not
+    see state other tests left in this one."""
+    import os
+
     from medunet.inference.predictor import load_network
 
-    res = train(tiny_data, tmp_path / "m", epochs=1, overrides={"training.iterations_per_epoch": 2},
-                progress=False, report=False, compile=True, precision="fp32")
-    assert res.iterations == 2
+    code = (f"from medunet.training import train; r = train({str(tiny_data)!r}, {str(tmp_path / 'm')!r}, "
+            "epochs=1, overrides={'training.iterations_per_epoch': 2}, progress=False, report=False, "
+            "compile=True, precision='fp32'); assert r.iterations == 2")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=600,
+                   env={**os.environ, "PYTHONUTF8": "1"})
     ckpt = torch.load(tmp_path / "m" / "checkpoint_last.pt", weights_only=True)
     assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
     load_network(tmp_path / "m")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -43,6 +44,36 @@ class CsvLog:
                 w.writeheader()
                 w.writerows(keep)
         os.replace(tmp, self.path)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """JSON to a temporary file, then rename: a kill never leaves a half-written file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".json", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def save_run(model_dir: Path, best: bool, *, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             scaler: torch.amp.GradScaler, state: dict, sampler_rng, aug_gen: torch.Generator,
+             ema=None) -> None:
+    """``checkpoint_last.pt`` (and ``checkpoint_best.pt``): everything a resumed run needs, in
+    the one layout ``load_network`` and ``train(resume=True)`` read (trainer and distill alike)."""
+    ema_state = ema.state_dict() if ema is not None else None
+    ckpt = {
+        "model": net.state_dict(),
+        "ema_model": ema_state["model"] if ema_state else None,
+        "ema": {k: v for k, v in ema_state.items() if k != "model"} if ema_state else None,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "state": dict(state),
+        "sampler_rng": sampler_rng.bit_generator.state,
+        "aug_rng": aug_gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+    }
+    save_checkpoint(ckpt, model_dir / "checkpoint_last.pt")
+    if best:
+        save_checkpoint(ckpt, model_dir / "checkpoint_best.pt")
 
 
 def save_checkpoint(state: dict, path: Path) -> None:

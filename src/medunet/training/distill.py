@@ -30,7 +30,6 @@ import math
 import os
 import shutil
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +45,7 @@ from medunet.errors import InputError
 from medunet.planning import Plan
 from medunet.preprocessing.cache import preprocess_dataset
 from medunet.runtime import autocast, memory_format, resolve_device, resolve_precision
-from medunet.training.callbacks import CsvLog, LiveDisplay, plot_curves, save_checkpoint
+from medunet.training.callbacks import CsvLog, LiveDisplay, plot_curves, save_run, write_json
 from medunet.training.losses import build_loss
 from medunet.training.optim import backward_and_step, build_optimizer
 from medunet.training.sampler import PatchSampler
@@ -411,13 +410,6 @@ def _teacher_split(teacher_dir: Path, dataset: Dataset, plan: Plan, seed: int) -
 # the run
 
 
-def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-
-
 def time_per_image(nets: dict[str, nn.Module], images: list[np.ndarray], plan_of: dict[str, Plan],
                    device: torch.device, precision: str, repeats: int = 3) -> dict[str, float]:
     """Median seconds per image of a whole-image sliding-window pass, runs interleaved between
@@ -552,8 +544,8 @@ def distill(teacher_dir: str | Path, student_dir: str | Path, data: str | Path |
                                                                     prec)))
         student_dir.mkdir(parents=True, exist_ok=True)
         s_plan.save(student_dir / "plan.json")
-        _write_json(student_dir / "splits.json", split)
-        _write_json(student_dir / "distill.json", config)
+        write_json(student_dir / "splits.json", split)
+        write_json(student_dir / "distill.json", config)
         run = _DistillRun(s_plan, student_dir, teacher, student, build_optimizer(student, t),
                           torch.amp.GradScaler(dev.type, enabled=prec == "fp16"), supervised_loss(s_plan),
                           sampler, aug_gen, val_img, val_lab, dev, prec, epochs, budget, temperature, alpha,
@@ -610,7 +602,7 @@ def distill(teacher_dir: str | Path, student_dir: str | Path, data: str | Path |
         "epochs_done": run.state["epoch"], "iterations": run.state["iteration"],
         "seconds": round(run.elapsed(), 1), "best_epoch_val_dice": run.state["best_dice"],
     }
-    _write_json(student_dir / "distill.json", summary)
+    write_json(student_dir / "distill.json", summary)
     return DistillResult(student_dir, summary["teacher_val_dice"], summary["student_val_dice"], t_params,
                          s_params, secs["teacher"], secs["student"], summary["speedup"], run.state["epoch"],
                          run.state["iteration"], run.elapsed(), init_used, history)
@@ -736,16 +728,5 @@ class _DistillRun:
         return self.elapsed() if self.budget is not None else self.state["iteration"]
 
     def save(self, best: bool) -> None:
-        state = {
-            "model": self.student.state_dict(),
-            "ema_model": None,
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "state": dict(self.state),
-            "sampler_rng": self.sampler.rng.bit_generator.state,
-            "aug_rng": self.aug_gen.get_state(),
-            "torch_rng": torch.get_rng_state(),
-        }
-        save_checkpoint(state, self.out / "checkpoint_last.pt")
-        if best:
-            save_checkpoint(state, self.out / "checkpoint_best.pt")
+        save_run(self.out, best, net=self.student, optimizer=self.optimizer, scaler=self.scaler,
+                 state=self.state, sampler_rng=self.sampler.rng, aug_gen=self.aug_gen)

@@ -24,7 +24,7 @@ from medunet.inference.sliding_window import sliding_window_inference
 from medunet.planning import Plan, fingerprint_dataset, make_plan
 from medunet.preprocessing.cache import preprocess_dataset
 from medunet.runtime import autocast, memory_format, resolve_device, resolve_precision
-from medunet.training.callbacks import CsvLog, LiveDisplay, plot_curves, save_checkpoint
+from medunet.training.callbacks import CsvLog, LiveDisplay, plot_curves, save_run, write_json
 from medunet.training.losses import build_loss
 from medunet.training.optim import ModelEMA, backward_and_step, build_optimizer
 from medunet.training.sampler import PatchSampler
@@ -258,20 +258,8 @@ def validate(net: torch.nn.Module, images: list[np.ndarray], labels: list[np.nda
 
 
 def _save(run: _Run, best: bool) -> None:
-    state = {
-        "model": run.net.state_dict(),
-        "ema_model": run.ema.module.state_dict() if run.ema is not None else None,
-        "ema": {k: v for k, v in run.ema.state_dict().items() if k != "model"} if run.ema else None,
-        "optimizer": run.optimizer.state_dict(),
-        "scaler": run.scaler.state_dict(),
-        "state": vars(run.state).copy(),
-        "sampler_rng": run.sampler.rng.bit_generator.state,
-        "aug_rng": run.aug_gen.get_state(),
-        "torch_rng": torch.get_rng_state(),
-    }
-    save_checkpoint(state, run.model_dir / "checkpoint_last.pt")
-    if best:
-        save_checkpoint(state, run.model_dir / "checkpoint_best.pt")
+    save_run(run.model_dir, best, net=run.net, optimizer=run.optimizer, scaler=run.scaler,
+             state=vars(run.state), sampler_rng=run.sampler.rng, aug_gen=run.aug_gen, ema=run.ema)
 
 
 def _split(model_dir: Path, cases: list[Case], val_fraction: float, seed: int) -> dict:
@@ -288,7 +276,7 @@ def _split(model_dir: Path, cases: list[Case], val_fraction: float, seed: int) -
     split = {"seed": seed, "val": sorted(ids[:n_val]), "train": sorted(ids[n_val:]), "data": data_root(cases)}
     if not split["val"]:  # a single case: validate on it (the user sees it in splits.json)
         split["val"] = list(split["train"])
-    _write_json(path, split)
+    write_json(path, split)
     return split
 
 
@@ -306,12 +294,6 @@ def _check_known(ids: list[str], cases: list[Case], path: Path) -> None:
     if missing:
         raise InputError(f"splits.json names cases that are not in the dataset: {missing[:3]}", path,
                          "restore the missing cases or delete splits.json to draw new folds")
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
 
 
 def cv_folds(model_dir: Path, cases: list[Case], n_folds: int, seed: int) -> dict:
@@ -335,7 +317,7 @@ def cv_folds(model_dir: Path, cases: list[Case], n_folds: int, seed: int) -> dic
         {"train": sorted(i for j, p in enumerate(parts) if j != k for i in p), "val": parts[k]}
         for k in range(n_folds)]}
     model_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(path, folds)
+    write_json(path, folds)
     return folds
 
 
@@ -357,7 +339,7 @@ def _fold_split(parent: Path, run_dir: Path, cases: list[Case], fold: int | str,
         split = {"seed": folds["seed"], "fold": int(fold), **folds["folds"][int(fold)],
                  "data": data_root(cases)}
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(path, split)
+    write_json(path, split)
     return split
 
 

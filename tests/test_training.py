@@ -17,7 +17,13 @@ import torch
 from medunet.datasets.synthetic import make_synthetic_dataset
 from medunet.errors import InputError
 from medunet.training import DiceCELoss, parse_duration, soft_dice_loss, train
-from medunet.training.optim import ModelEMA, build_optimizer
+from medunet.training.optim import (
+    ModelEMA,
+    backward_and_step,
+    build_optimizer,
+    clip_gradients,
+    load_optimizer_state,
+)
 from medunet.training.sampler import PatchSampler
 from medunet.training.schedule import cosine_with_warmup, learning_rate, poly, step_decay
 from medunet.training.trainer import train_folds
@@ -121,6 +127,69 @@ def test_ema_hand_computed():
     assert ema.module.weight.item() == pytest.approx(0.25 * (1 - d) + 0.75 * 2.0)
     with pytest.raises(InputError):
         ModelEMA(net, decay=1.5)
+    with pytest.raises(InputError, match="ema_every"):
+        ModelEMA(net, decay=0.99, every=0)
+
+
+def test_ema_every_k_steps_folds_in_with_the_decay_to_the_kth_power():
+    net = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(0.0)
+    ema = ModelEMA(net, decay=0.5, every=2)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    ema.update(net)  # step 1: skipped
+    assert ema.module.weight.item() == 0.0
+    with torch.no_grad():
+        net.weight.fill_(3.0)
+    ema.update(net)  # step 2: min(0.5, 3/12) = 0.25, squared
+    d = 0.25 ** 2
+    assert ema.module.weight.item() == pytest.approx((1 - d) * 3.0)
+
+
+def _small_unet(seed: int = 0) -> torch.nn.Module:
+    from medunet.nets import build_network
+    torch.manual_seed(seed)
+    return build_network(2, 3, 2, "default", features=[8, 16, 32], strides=[[2, 2]] * 2, norm="batch",
+                         down="maxpool", up="transpose", act="leakyrelu")
+
+
+def test_channels_last_weights_step_like_plain_adamw():
+    """The optimiser works on contiguous views of channels_last weights (for the fused kernels):
+    the weights after a few steps equal those of stock AdamW on the same network."""
+    import copy
+    net = _small_unet().to(memory_format=torch.channels_last)
+    ref = copy.deepcopy(net)
+    opt = build_optimizer(net, {"lr": 1e-2, "weight_decay": 1e-4})
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=1e-4)
+    views = [p for g in opt.param_groups for p in g["params"]]
+    pairs = zip(views, net.parameters(), strict=True)
+    assert any(v.data_ptr() == p.data_ptr() and v.shape != p.shape for v, p in pairs)
+    assert all(v.is_contiguous() for v in views)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for _ in range(3):
+        backward_and_step(net(x).square().mean(), net, opt, scaler, clip=12.0)
+        ref_opt.zero_grad(set_to_none=True)
+        ref(x).square().mean().backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 12.0)
+        ref_opt.step()
+    for a, b in zip(net.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # a checkpoint of this optimiser loads back; one whose moments do not fit is refused
+    state = opt.state_dict()
+    load_optimizer_state(build_optimizer(net, {"lr": 1e-2}), state, "last.pt")
+    with pytest.raises(InputError, match="last.pt.*without --resume"):
+        load_optimizer_state(build_optimizer(net, {"lr": 1e-2}), ref_opt.state_dict(), "last.pt")
+
+
+def test_clip_gradients_rescales_only_above_the_limit():
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+    a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([4.0])  # global norm 5
+    clip_gradients([a, b], 10.0)
+    assert a.grad.tolist() == [3.0, 0.0] and b.grad.tolist() == [4.0]
+    clip_gradients([a, b], 1.0)
+    assert a.grad[0].item() == pytest.approx(0.6, rel=1e-5) and b.grad.item() == pytest.approx(0.8, rel=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -574,6 +574,7 @@ def make_plan(dataset: Dataset, fingerprint: dict, preset: str = "default", *, c
         "warmup_fraction": 0.02,
         "grad_clip": 12.0,
         "ema": 0.99,
+        "ema_every": 4,
         "patience": 15,
         "min_delta": 0.0,
         "iterations_per_epoch": 100,
@@ -588,9 +589,9 @@ def make_plan(dataset: Dataset, fingerprint: dict, preset: str = "default", *, c
         else "no TTA by default in 2D (flip gains ~0.4 Dice points for 3x the time, BENCHMARKS.md); "
         "predict --tta flip to use it")
     reasons["training"] = (f"Dice+CE; AdamW, lr 3e-3 with warm-up and cosine decay to 1e-6 (measured "
-                           f"best for short CPU runs, see BENCHMARKS.md); EMA of the weights (0.99) is "
-                           f"validated and saved; early stop after 15 epochs without a better "
-                           f"validation Dice; 1/3 of patches centred on foreground "
+                           f"best for short CPU runs, see BENCHMARKS.md); EMA of the weights (0.99, "
+                           f"folded in every 4th step) is validated and saved; early stop after 15 "
+                           f"epochs without a better validation Dice; 1/3 of patches centred on foreground "
                            f"(foreground is {100 * fg_fraction:.1f}% of voxels)")
     return Plan(
         dataset_name=dataset.name,

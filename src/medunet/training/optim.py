@@ -18,12 +18,87 @@ def build_optimizer(net: nn.Module, training: dict) -> torch.optim.Optimizer:
     kind = training.get("optimizer", "adamw")
     lr, wd = float(training["lr"]), float(training.get("weight_decay", 0.0))
     if kind == "adamw":
-        return torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=wd)
-    if kind == "sgd":
-        return torch.optim.SGD(net.parameters(), lr=lr, weight_decay=wd,
-                               momentum=float(training.get("momentum", 0.99)), nesterov=True)
-    raise InputError(f"unknown optimizer '{kind}'", "plan.json",
-                     f"set training.optimizer to one of {', '.join(OPTIMIZERS)}")
+        cls, kw = torch.optim.AdamW, {"lr": lr, "weight_decay": wd}
+    elif kind == "sgd":
+        cls, kw = torch.optim.SGD, {"lr": lr, "weight_decay": wd, "nesterov": True,
+                                    "momentum": float(training.get("momentum", 0.99))}
+    else:
+        raise InputError(f"unknown optimizer '{kind}'", "plan.json",
+                         f"set training.optimizer to one of {', '.join(OPTIMIZERS)}")
+    params = [_dense_view(p) for p in net.parameters()]
+    # The fused kernels are 3-4x faster than the per-tensor loop torch uses on a CPU by default
+    # (AdamW on 20 M parameters: 100 ms -> 26 ms per step, a third of a 2D training step);
+    # older torch builds or other devices fall back to the default implementation.
+    if params and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params):
+        try:
+            return cls(params, fused=True, **kw)
+        except (RuntimeError, TypeError, ValueError):
+            pass
+    return cls(params, **kw)
+
+
+def _dense_view(p: nn.Parameter) -> nn.Parameter:
+    """``p`` itself, or, for a channels_last weight, a contiguous permuted view of its memory
+    that the optimiser updates in place, with ``p``'s gradient handed over after each backward.
+
+    Why: the fused optimiser kernels copy every non-contiguous tensor (weight, gradient, both
+    moments) in and out, which doubled AdamW's time on a channels_last U-Net (35 vs 17 ms per step
+    for 20 M parameters); channels_last weights themselves keep the convolutions ~10 % faster.
+    After ``backward`` the gradient lives on the view (``p.grad`` is None): clip and step through
+    the optimiser's parameters, as ``backward_and_step`` does.
+    """
+    if p.is_contiguous() or p.dim() < 2:
+        return p
+    perm = sorted(range(p.dim()), key=lambda d: -p.stride(d))
+    view = nn.Parameter(p.detach().permute(perm), requires_grad=p.requires_grad)
+    if not view.is_contiguous() or view.data_ptr() != p.data_ptr():
+        return p
+
+    def hand_over(param: torch.Tensor) -> None:
+        if param.grad is not None:
+            g = param.grad.permute(perm)
+            view.grad = g if view.grad is None else view.grad + g
+            param.grad = None
+
+    old = getattr(p, "_medunet_grad_hook", None)
+    if old is not None:  # a second optimiser on the same network takes the gradients over
+        old.remove()
+    p._medunet_grad_hook = p.register_post_accumulate_grad_hook(hand_over)
+    return view
+
+
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> None:
+    """Clip the global gradient norm to ``max_norm``.
+
+    On a CPU the norm is computed first and the gradients are rescaled only when it is exceeded
+    (rare after the first steps): half the memory traffic of ``clip_grad_norm_``, which always
+    multiplies. On accelerators ``clip_grad_norm_`` is kept because it never syncs with the host.
+    """
+    params = [p for p in params if p.grad is not None]
+    grads = [p.grad for p in params]
+    if not grads:
+        return
+    if grads[0].device.type != "cpu" or not hasattr(torch.nn.utils, "get_total_norm"):  # torch < 2.6
+        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        return
+    total = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if float(total) > max_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, source: str) -> None:
+    """``optimizer.load_state_dict`` that refuses moments whose shapes do not fit the parameters
+    (torch would load them silently), e.g. a checkpoint written before weights were laid out
+    for the fused kernels."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, st in state.get("state", {}).items():
+        for name, value in st.items():
+            if (torch.is_tensor(value) and value.dim() > 0 and int(i) < len(params)
+                    and value.shape != params[int(i)].shape):
+                raise InputError(f"the optimiser state '{name}' has shape {tuple(value.shape)}, "
+                                 f"not {tuple(params[int(i)].shape)}", source,
+                                 "train afresh (without --resume) or with the medunet that wrote it")
+    optimizer.load_state_dict(state)
 
 
 def backward_and_step(loss: torch.Tensor, net: nn.Module, optimizer: torch.optim.Optimizer,
@@ -33,7 +108,7 @@ def backward_and_step(loss: torch.Tensor, net: nn.Module, optimizer: torch.optim
     scaler.scale(loss).backward()
     if clip:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+        clip_gradients([p for g in optimizer.param_groups for p in g["params"]], clip)
     scaler.step(optimizer)
     scaler.update()
 
@@ -43,14 +118,20 @@ class ModelEMA:
 
     The decay ramps up as ``min(decay, (1 + n) / (10 + n))`` so the average is not dominated
     by the random initial weights in short runs; buffers (batch-norm statistics) are copied,
-    not averaged, so they match the averaged weights' training network.
+    not averaged, so they match the averaged weights' training network. With ``every`` = k the
+    average is folded in on every k-th step only, with the decay raised to the k-th power (the
+    same time constant): the update reads and writes every weight, ~15 ms for 20 M parameters
+    on a CPU, and once every few steps is as good an average.
     """
 
-    def __init__(self, net: nn.Module, decay: float = 0.99) -> None:
+    def __init__(self, net: nn.Module, decay: float = 0.99, every: int = 1) -> None:
         if not 0.0 < decay < 1.0:
             raise InputError(f"EMA decay {decay} is out of range", "plan.json",
                              "set training.ema to a value in (0, 1), e.g. 0.99, or 0 to turn it off")
-        self.decay = decay
+        if int(every) < 1:
+            raise InputError(f"EMA interval {every} is out of range", "plan.json",
+                             "set training.ema_every to a whole number of steps >= 1")
+        self.decay, self.every = decay, int(every)
         self.updates = 0
         self.module = copy.deepcopy(net).eval()
         for p in self.module.parameters():
@@ -59,9 +140,11 @@ class ModelEMA:
     @torch.no_grad()
     def update(self, net: nn.Module) -> None:
         self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for e, p in zip(self.module.parameters(), net.parameters(), strict=True):
-            e.lerp_(p.detach(), 1.0 - d)
+        if self.updates % self.every:
+            return
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates)) ** self.every
+        torch._foreach_lerp_(list(self.module.parameters()), [p.detach() for p in net.parameters()],
+                             1.0 - d)
         for e, b in zip(self.module.buffers(), net.buffers(), strict=True):
             e.copy_(b)
 

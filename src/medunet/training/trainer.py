@@ -26,7 +26,7 @@ from medunet.preprocessing.cache import preprocess_dataset
 from medunet.runtime import autocast, memory_format, resolve_device, resolve_precision
 from medunet.training.callbacks import CsvLog, LiveDisplay, plot_curves, save_run, write_json
 from medunet.training.losses import build_loss
-from medunet.training.optim import ModelEMA, backward_and_step, build_optimizer
+from medunet.training.optim import ModelEMA, backward_and_step, build_optimizer, load_optimizer_state
 from medunet.training.sampler import PatchSampler
 from medunet.training.schedule import learning_rate
 
@@ -443,7 +443,7 @@ def train(data: str | Path, model_dir: str | Path, *, epochs: int | None = None,
     net = plan.build_network().to(dev).to(memory_format=memory_format(plan.dim))
     t = plan.training
     optimizer = build_optimizer(net, t)
-    ema = ModelEMA(net, float(t["ema"])) if t.get("ema") else None
+    ema = ModelEMA(net, float(t["ema"]), int(t.get("ema_every", 1))) if t.get("ema") else None
     aug_gen = torch.Generator().manual_seed(seed)
     sampler = PatchSampler(tr_img, tr_lab, plan.patch_size, plan.batch_size, t["fg_oversample"],
                            np.random.default_rng(seed))
@@ -452,7 +452,7 @@ def train(data: str | Path, model_dir: str | Path, *, epochs: int | None = None,
     if resume:
         ckpt = torch.load(last, map_location=dev, weights_only=True)
         net.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(optimizer, ckpt["optimizer"], str(last))
         scaler.load_state_dict(ckpt["scaler"])
         state = RunState(**ckpt["state"])
         state.stopped_early = False  # a resumed (extended) run may go on; patience still counts

@@ -41,6 +41,17 @@ def resolve_device(device: str | None = None) -> torch.device:
     return dev
 
 
+def flush_denormals(device: torch.device) -> None:
+    """Treat denormal floats as zero for the rest of the process, on a CPU.
+
+    Why: late in training many gradients and Adam moments fall below 1e-38, and x86 arithmetic on
+    such numbers is tens of times slower; flushing them made 2D training steps ~20 % faster here
+    (BENCHMARKS.md, training throughput) and changes nothing a network can tell apart.
+    """
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
+
+
 def resolve_precision(precision: str | None, device: torch.device) -> str:
     """Pick ``fp32``/``bf16``/``fp16`` for the device; refuse combinations that cannot run."""
     precision = precision or "auto"

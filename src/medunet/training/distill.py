@@ -44,7 +44,7 @@ from medunet.datasets import Case, Dataset, find_dataset, validate_dataset
 from medunet.errors import InputError
 from medunet.planning import Plan
 from medunet.preprocessing.cache import preprocess_dataset
-from medunet.runtime import autocast, memory_format, resolve_device, resolve_precision
+from medunet.runtime import autocast, flush_denormals, memory_format, resolve_device, resolve_precision
 from medunet.training.callbacks import CsvLog, LiveDisplay, plot_curves, save_run, write_json
 from medunet.training.losses import build_loss
 from medunet.training.optim import backward_and_step, build_optimizer
@@ -482,6 +482,7 @@ def distill(teacher_dir: str | Path, student_dir: str | Path, data: str | Path |
             raise InputError("the teacher's model directory does not record its dataset", teacher_dir,
                              "pass the dataset the teacher was trained on with --data DATA")
     dev = resolve_device(device)
+    flush_denormals(dev)
     prec = resolve_precision(precision, dev)
 
     from medunet.inference.predictor import load_network

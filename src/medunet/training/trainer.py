@@ -23,7 +23,7 @@ from medunet.errors import InputError
 from medunet.inference.sliding_window import sliding_window_inference
 from medunet.planning import Plan, fingerprint_dataset, make_plan
 from medunet.preprocessing.cache import preprocess_dataset
-from medunet.runtime import autocast, memory_format, resolve_device, resolve_precision
+from medunet.runtime import autocast, flush_denormals, memory_format, resolve_device, resolve_precision
 from medunet.training.callbacks import CsvLog, LiveDisplay, plot_curves, save_run, write_json
 from medunet.training.losses import build_loss
 from medunet.training.optim import ModelEMA, backward_and_step, build_optimizer, load_optimizer_state
@@ -422,6 +422,7 @@ def train(data: str | Path, model_dir: str | Path, *, epochs: int | None = None,
                          "add --resume to continue or extend it, or choose another -o")
     budget = parse_duration(time_budget) if time_budget is not None else None
     dev = resolve_device(device)
+    flush_denormals(dev)
     prec = resolve_precision(precision, dev)
     opts = dict(plan_options or {})
     if dev.type == "cuda":  # plan the patch and batch for this GPU's memory

@@ -380,9 +380,10 @@ def test_compile_trains_and_saves_plain_weights(tiny_data, tmp_path):
 def test_training_on_cpu_flushes_denormals(tiny_data, tmp_path):
     """Denormal floats (late-training gradients and moments) are ~20 % of a CPU step's time
     unless flushed; train() turns flushing on for the process."""
+    torch.set_flush_denormal(False)  # earlier tests' train() calls turned it on
     tiny = torch.tensor([1e-40], dtype=torch.float32)
-    torch.set_flush_denormal(False)
     assert (tiny * 1.0).item() != 0.0
     train(tiny_data, tmp_path / "m", epochs=1, device="cpu", progress=False, report=False,
           overrides={"training.iterations_per_epoch": 1, "patch_size": [16, 16]})
     assert (tiny * 1.0).item() == 0.0
+    assert torch.tensor([1e-40], dtype=torch.float32).item() == 0.0

@@ -14,7 +14,11 @@ OPTIMIZERS = ("adamw", "sgd")
 
 def build_optimizer(net: nn.Module, training: dict) -> torch.optim.Optimizer:
     """``adamw`` (our default: robust at the short runs a CPU affords) or ``sgd`` (Nesterov,
-    momentum 0.99: nnU-Net's choice, pair it with the ``poly`` schedule and lr 1e-2)."""
+    momentum 0.99: nnU-Net's choice, pair it with the ``poly`` schedule and lr 1e-2).
+
+    Build it after the network has its final device and memory format: the optimiser may hold
+    views of the weights' memory (see ``_dense_view``), which ``net.to(...)`` would replace.
+    """
     kind = training.get("optimizer", "adamw")
     lr, wd = float(training["lr"]), float(training.get("weight_decay", 0.0))
     if kind == "adamw":

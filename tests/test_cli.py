@@ -75,5 +75,10 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path):
     r = _cli("train", str(data), "-o", str(tmp_path / "m"), "--time-budget", "soon")
     assert r.returncode == 2 and "duration" in r.stderr
 
+    good = make_synthetic_dataset(tmp_path / "g", n_train=2, n_test=0, shape=(16, 16))
+    r = _cli("train", str(good), "-o", str(tmp_path / "m"), "--epochs", "1", "--set", "training.ema_every=0")
+    assert r.returncode == 2 and "training.ema_every" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "m").exists()
+
     r = _cli("predict", str(tmp_path / "nomodel"), str(data), "-o", str(tmp_path / "p"))
     assert r.returncode == 2 and "plan.json not found" in r.stderr

@@ -129,6 +129,10 @@ def test_ema_hand_computed():
         ModelEMA(net, decay=1.5)
     with pytest.raises(InputError, match="ema_every"):
         ModelEMA(net, decay=0.99, every=0)
+    with pytest.raises(InputError, match="ema_every"):
+        ModelEMA(net, decay=0.99, every="four")
+    with pytest.raises(InputError, match="training.ema "):
+        ModelEMA(net, decay="high")
 
 
 def test_ema_every_k_steps_folds_in_with_the_decay_to_the_kth_power():

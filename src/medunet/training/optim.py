@@ -117,6 +117,17 @@ def backward_and_step(loss: torch.Tensor, net: nn.Module, optimizer: torch.optim
     scaler.update()
 
 
+def validate_ema(decay: object, every: object) -> None:
+    """Refuse ``training.ema`` / ``training.ema_every`` values ModelEMA cannot use, naming the field
+    (called before a run writes anything)."""
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay < 1.0:
+        raise InputError(f"EMA decay {decay!r} is out of range", "plan.json",
+                         "set training.ema to a value in (0, 1), e.g. 0.99, or 0 to turn it off")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise InputError(f"EMA interval {every!r} is out of range", "plan.json",
+                         "set training.ema_every to a whole number of steps >= 1")
+
+
 class ModelEMA:
     """Exponential moving average of a network's weights, used for validation and saved.
 
@@ -129,13 +140,8 @@ class ModelEMA:
     """
 
     def __init__(self, net: nn.Module, decay: float = 0.99, every: int = 1) -> None:
-        if not 0.0 < decay < 1.0:
-            raise InputError(f"EMA decay {decay} is out of range", "plan.json",
-                             "set training.ema to a value in (0, 1), e.g. 0.99, or 0 to turn it off")
-        if int(every) < 1:
-            raise InputError(f"EMA interval {every} is out of range", "plan.json",
-                             "set training.ema_every to a whole number of steps >= 1")
-        self.decay, self.every = decay, int(every)
+        validate_ema(decay, every)
+        self.decay, self.every = float(decay), every
         self.updates = 0
         self.module = copy.deepcopy(net).eval()
         for p in self.module.parameters():

@@ -26,7 +26,13 @@ from medunet.preprocessing.cache import preprocess_dataset
 from medunet.runtime import autocast, flush_denormals, memory_format, resolve_device, resolve_precision
 from medunet.training.callbacks import CsvLog, LiveDisplay, plot_curves, save_run, write_json
 from medunet.training.losses import build_loss
-from medunet.training.optim import ModelEMA, backward_and_step, build_optimizer, load_optimizer_state
+from medunet.training.optim import (
+    ModelEMA,
+    backward_and_step,
+    build_optimizer,
+    load_optimizer_state,
+    validate_ema,
+)
 from medunet.training.sampler import PatchSampler
 from medunet.training.schedule import learning_rate
 
@@ -429,6 +435,8 @@ def train(data: str | Path, model_dir: str | Path, *, epochs: int | None = None,
         opts.setdefault("device_memory_gb", torch.cuda.get_device_properties(dev).total_memory / 2**30)
     dataset, plan = _run_plan(data, parent, run_dir, resume, fold is not None, preset, overrides, opts)
     validate_augmentation(plan.training.get("augment"))  # a bad --set fails before data loads
+    if plan.training.get("ema"):
+        validate_ema(plan.training["ema"], plan.training.get("ema_every", 1))
     if epochs is None and budget is None:
         epochs = int(plan.training["epochs"])
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -444,7 +452,7 @@ def train(data: str | Path, model_dir: str | Path, *, epochs: int | None = None,
     net = plan.build_network().to(dev).to(memory_format=memory_format(plan.dim))
     t = plan.training
     optimizer = build_optimizer(net, t)
-    ema = ModelEMA(net, float(t["ema"]), int(t.get("ema_every", 1))) if t.get("ema") else None
+    ema = ModelEMA(net, t["ema"], t.get("ema_every", 1)) if t.get("ema") else None
     aug_gen = torch.Generator().manual_seed(seed)
     sampler = PatchSampler(tr_img, tr_lab, plan.patch_size, plan.batch_size, t["fg_oversample"],
                            np.random.default_rng(seed))

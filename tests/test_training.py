@@ -23,6 +23,7 @@ from medunet.training.optim import (
     build_optimizer,
     clip_gradients,
     load_optimizer_state,
+    optimizer_state,
 )
 from medunet.training.sampler import PatchSampler
 from medunet.training.schedule import cosine_with_warmup, learning_rate, poly, step_decay
@@ -180,11 +181,29 @@ def test_channels_last_weights_step_like_plain_adamw():
         ref_opt.step()
     for a, b in zip(net.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    # a checkpoint of this optimiser loads back; one whose moments do not fit is refused
-    state = opt.state_dict()
-    load_optimizer_state(build_optimizer(net, {"lr": 1e-2}), state, "last.pt")
+    # a checkpoint of this optimiser loads back, and so does stock AdamW's (moments in the weights'
+    # own dimension order): both continue exactly like the uninterrupted reference
+    ref_state = copy.deepcopy(ref_opt.state_dict())  # state dicts alias the live moments
+    for state in (copy.deepcopy(optimizer_state(opt)), copy.deepcopy(ref_state)):
+        ref_opt.zero_grad(set_to_none=True)  # deep copies below must not carry old gradients
+        net2 = copy.deepcopy(ref).to(memory_format=torch.channels_last)
+        opt2 = build_optimizer(net2, {"lr": 1e-2, "weight_decay": 1e-4})
+        load_optimizer_state(opt2, state, "last.pt")
+        backward_and_step(net2(x).square().mean(), net2, opt2, scaler, clip=None)
+        ref2 = copy.deepcopy(ref)
+        ref2_opt = torch.optim.AdamW(ref2.parameters(), lr=1e-2, weight_decay=1e-4)
+        ref2_opt.load_state_dict(copy.deepcopy(ref_state))
+        ref2(x).square().mean().backward()
+        ref2_opt.step()
+        for a, b in zip(net2.parameters(), ref2.parameters(), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # moments that do not fit this network are refused
+    other_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(5)) for _ in net.parameters()])
+    for p in other_opt.param_groups[0]["params"]:
+        p.grad = torch.ones(5)
+    other_opt.step()
     with pytest.raises(InputError, match="last.pt.*without --resume"):
-        load_optimizer_state(build_optimizer(net, {"lr": 1e-2}), ref_opt.state_dict(), "last.pt")
+        load_optimizer_state(build_optimizer(net, {"lr": 1e-2}), other_opt.state_dict(), "last.pt")
 
 
 def test_clip_gradients_rescales_only_above_the_limit():

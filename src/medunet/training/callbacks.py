@@ -12,6 +12,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from medunet.training.optim import optimizer_state
+
 
 class CsvLog:
     """Appends one row per epoch to ``log.csv`` (the header is written once)."""
@@ -64,7 +66,7 @@ def save_run(model_dir: Path, best: bool, *, net: torch.nn.Module, optimizer: to
         "model": net.state_dict(),
         "ema_model": ema_state["model"] if ema_state else None,
         "ema": {k: v for k, v in ema_state.items() if k != "model"} if ema_state else None,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state(optimizer),
         "scaler": scaler.state_dict(),
         "state": dict(state),
         "sampler_rng": sampler_rng.bit_generator.state,

@@ -57,6 +57,7 @@ def _dense_view(p: nn.Parameter) -> nn.Parameter:
     view = nn.Parameter(p.detach().permute(perm), requires_grad=p.requires_grad)
     if not view.is_contiguous() or view.data_ptr() != p.data_ptr():
         return p
+    view._medunet_perm = tuple(perm)  # how its optimiser state is laid out (see optimizer_state)
 
     def hand_over(param: torch.Tensor) -> None:
         if param.grad is not None:
@@ -90,18 +91,52 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> None:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
 
 
+def _layout(optimizer: torch.optim.Optimizer) -> list[list[int] | None]:
+    """Per parameter, the permutation of the weight's dimensions its optimiser state uses."""
+    return [list(p._medunet_perm) if hasattr(p, "_medunet_perm") else None
+            for g in optimizer.param_groups for p in g["params"]]
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()`` plus the layout of its moments, so that a checkpoint resumes
+    correctly whatever memory format the resuming network uses (see ``load_optimizer_state``)."""
+    return {**optimizer.state_dict(), "medunet_layout": _layout(optimizer)}
+
+
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, source: str) -> None:
-    """``optimizer.load_state_dict`` that refuses moments whose shapes do not fit the parameters
-    (torch would load them silently), e.g. a checkpoint written before weights were laid out
-    for the fused kernels."""
+    """``optimizer.load_state_dict`` that brings the moments into this optimiser's layout and
+    refuses moments that still do not fit (torch would load them silently).
+
+    A state without ``medunet_layout`` (stock torch, or medunet before the fused-kernel views)
+    holds moments in the weights' own dimension order. Without this conversion a 32x3x3x3 weight,
+    whose permuted view has the same shape, would resume with scrambled moments and no error.
+    """
+    state = dict(state)
+    saved = state.pop("medunet_layout", None)
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    current = _layout(optimizer)
+    moments: dict = {}
     for i, st in state.get("state", {}).items():
+        k = int(i)
+        st = dict(st)
         for name, value in st.items():
-            if (torch.is_tensor(value) and value.dim() > 0 and int(i) < len(params)
-                    and value.shape != params[int(i)].shape):
+            if not torch.is_tensor(value) or value.dim() == 0 or k >= len(params):
+                continue
+            was = saved[k] if saved is not None and k < len(saved) else None
+            now = current[k]
+            if was != now:  # stored as weight.permute(was): undo it, then apply ours
+                if was is not None and len(was) == value.dim():
+                    value = value.permute([was.index(d) for d in range(value.dim())])
+                if now is not None and len(now) == value.dim():
+                    value = value.permute(now)
+                value = value.contiguous()
+            if value.shape != params[k].shape:
                 raise InputError(f"the optimiser state '{name}' has shape {tuple(value.shape)}, "
-                                 f"not {tuple(params[int(i)].shape)}", source,
+                                 f"not {tuple(params[k].shape)}", source,
                                  "train afresh (without --resume) or with the medunet that wrote it")
+            st[name] = value
+        moments[i] = st
+    state["state"] = moments
     optimizer.load_state_dict(state)
 
 

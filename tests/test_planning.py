@@ -155,6 +155,10 @@ def test_plan_isotropic_3d(tmp_path):
     assert plan.preprocessing["resample"] is False and plan.preprocessing["crop_nonzero"] is False
     assert plan.preprocessing["separate_z"] is None
     assert plan.network["kernel_sizes"] == [[3, 3, 3]] * len(plan.network["features"])
+    assert plan.network["deep_supervision"] is True and "deep supervision" in plan.reasons["network"]
+    net = plan.build_network().train()
+    outs = net(torch.zeros(1, 1, *plan.patch_size))
+    assert isinstance(outs, list) and len(outs) == len(plan.network["strides"])
     assert fp["modalities"] == ["mr"] and fp["crop_kept"] == [1.0, 1.0]
     assert plan.normalization == [{"scheme": "zscore"}]
     assert plan.inference["tta"] == "flip" and "mirroring" in plan.reasons["inference.tta"]
@@ -188,6 +192,7 @@ def test_plan_anisotropic_3d_and_its_2d_configuration(tmp_path):
     assert p2.network["kernel_sizes"] == [[1, 3, 3]] * 4
     assert p2.batch_size == 16  # the 2D step budget over 32 x 32 patches, capped
     assert p2.inference["tta"] == "none" and plan.inference["tta"] == "flip"  # slice by slice: 2D rule
+    assert plan.network["deep_supervision"] is True and p2.network["deep_supervision"] is False
     net = p2.build_network()
     assert all(m.kernel_size == (1, 3, 3) for m in net.modules() if isinstance(m, torch.nn.Conv3d)
                and m.kernel_size != (1, 1, 1))

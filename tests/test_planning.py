@@ -35,6 +35,7 @@ def test_plan_2d_grey(tmp_path):
     assert plan.batch_size == 16  # small patches: the batch cap
     assert len(plan.network["features"]) == len(plan.network["strides"]) + 1
     assert plan.inference["tta"] == "none"  # 2D: no TTA by default
+    assert plan.network["deep_supervision"] is False  # 2D: one loss on the full-resolution output
     # the training defaults issue 6 asks for: EMA, early stopping (patience 15), the full augmentation
     t = plan.training
     assert t["ema"] == 0.99 and t["patience"] == 15 and t["schedule"] == "cosine" and t["loss"] == "dice_ce"

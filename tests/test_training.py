@@ -410,3 +410,71 @@ def test_training_on_cpu_flushes_denormals(tiny_data, tmp_path):
           overrides={"training.iterations_per_epoch": 1, "patch_size": [16, 16]})
     assert (tiny * 1.0).item() == 0.0
     assert torch.tensor([1e-40], dtype=torch.float32).item() == 0.0
+
+
+def _share_run(n_cases: int, case_seconds: float, monkeypatch, share: float = 0.15, n_min: int = 5):
+    """A stand-in run whose validation cases each cost ``case_seconds`` on a fake clock."""
+    from types import SimpleNamespace
+
+    from medunet.training import trainer
+
+    now = [0.0]
+    scored: list[int] = []
+
+    def counts(run, i):
+        now[0] += case_seconds
+        scored.append(i)
+        return np.array([[0, 2.0], [0, 1.0], [0, 1.0]])  # tp 2, fp 1, fn 1 -> Dice 2/3
+
+    monkeypatch.setattr(trainer, "_clock", lambda: now[0])
+    monkeypatch.setattr(trainer, "_dice_counts", counts)
+    plan = SimpleNamespace(num_classes=2, training={"val_time_share": share, "val_min_cases": n_min})
+    run = SimpleNamespace(plan=plan, val_images=[None] * n_cases, step_seconds=0.1, ipe=100,
+                          state=trainer.RunState(), val_order=list(range(n_cases))[::-1])
+    return trainer, run, scored
+
+
+def test_validation_subset_stays_within_its_share(monkeypatch):
+    # an epoch trains 100 x 0.1 s = 10 s; 15 % of it is 1.5 s; a case costs 0.1 s
+    trainer, run, scored = _share_run(200, 0.1, monkeypatch)
+    dice, n = trainer._validate_share(run)
+    assert dice == pytest.approx([2 / 3]) and n == run.state.val_cases
+    assert n == 15 and run.state.val_every == 1  # stops once 1.5 s are spent
+    assert scored == list(range(199, 184, -1))  # in the run's fixed (seeded) order
+    scored.clear()
+    trainer._validate_share(run)  # later epochs: the same cases, so their scores compare
+    assert scored == list(range(199, 184, -1))
+
+
+def test_validation_of_few_slow_cases_runs_every_few_epochs(monkeypatch):
+    # 5 cases (the minimum) cost 5 s against a 1.5 s share: validate every 4th epoch
+    trainer, run, _ = _share_run(40, 1.0, monkeypatch)
+    _, n = trainer._validate_share(run)
+    assert n == 5 and run.state.val_every == 4
+
+
+def test_small_validation_sets_are_scored_whole(monkeypatch):
+    # DRIVE-like: 4 validation images, cheap next to training -> every case, every epoch
+    trainer, run, scored = _share_run(4, 0.2, monkeypatch)
+    _, n = trainer._validate_share(run)
+    assert n == 4 and run.state.val_every == 1 and sorted(scored) == [0, 1, 2, 3]
+
+
+def test_subset_validation_logs_share_and_chooses_on_the_full_set(tmp_path):
+    data = make_synthetic_dataset(tmp_path / "d", n_train=30, n_test=0, shape=(32, 32), seed=4)
+    model = tmp_path / "m"
+    ov = {**FAST, "training.val_time_share": 1e-9, "training.val_min_cases": 2}
+    res = train(data, model, epochs=2, overrides=ov, progress=False, report=False)
+    rows = list(csv.DictReader((model / "log.csv").open()))
+    assert int(rows[0]["val_cases"]) == 2 and 0 < float(rows[0]["val_share"]) < 1
+    # two cases cost more than a nearly zero share: the second epoch is not validated
+    assert rows[1]["val_dice"] == "nan" and int(rows[1]["val_cases"]) == 0
+    choice = json.loads((model / "selection.json").read_text())
+    assert choice["cases"] == 6 and choice["subset_cases"] == 2 and choice["chosen"] in ("best", "last")
+    assert choice["last_epoch"] == 2 == res.epochs
+    best = torch.load(model / "checkpoint_best.pt", weights_only=True)
+    expected = max(choice["last_dice"], choice.get("best_dice", -1.0))
+    if choice["chosen"] == "last":
+        assert best["state"]["epoch"] == 2 and best["state"]["best_dice"] == pytest.approx(expected)
+    else:
+        assert best["state"]["epoch"] == choice["best_epoch"] == 1

@@ -60,7 +60,8 @@ def plan_options(config: str, ct_window: str | None, window: str | None) -> dict
     return opts
 
 
-CONFIG_HELP = "auto, 2d, 3d (3D data with thick slices also offers 2d)"
+CONFIG_HELP = ("auto, 2d, 3d, cascade (3D data with thick slices also offers 2d; large objects next to "
+               "thin structures offer cascade, which auto picks with a budget >= 10 min)")
 CT_WINDOW_HELP = "CT window: lung, mediastinum, abdomen, bone, brain (default: foreground percentiles)"
 WINDOW_HELP = "CT window LEVEL,WIDTH in HU, e.g. 40,400 (clip, then rescale to [0, 1])"
 
@@ -95,6 +96,8 @@ def plan(
          p.reasons.get("configuration", "")),
         ("median shape", p.median_shape, p.reasons.get("median_shape", "")),
         ("spacing", p.spacing, p.reasons.get("spacing", "")),
+        ("resolution", f"factor {p.resolution.get('factor')}" if p.resolution else "",
+         p.reasons.get("resolution", "")),
         ("preprocessing", ", ".join(f"{k}={v}" for k, v in p.preprocessing.items()),
          "; ".join(v for k, v in p.reasons.items() if k.startswith("preprocessing."))),
         ("patch_size", p.patch_size, p.reasons.get("patch_size", "")),

@@ -151,6 +151,9 @@ def load_network(model_dir: str | Path, checkpoint: str = "best") -> tuple[Plan,
     """
     model_dir = Path(model_dir)
     plan = Plan.load(model_dir)
+    if plan.configuration == "cascade":
+        raise InputError("this is a cascade of two networks", model_dir,
+                         "use its stages, lowres/ and fullres/, one at a time (or Predictor.load for both)")
     ckpt_path = checkpoint_path(model_dir, checkpoint)
     try:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -233,7 +236,16 @@ class Predictor:
         if int8 and backend != "onnx":
             raise InputError("int8 needs the ONNX backend", fix="add --backend onnx")
         given = [model_dir] if isinstance(model_dir, (str, Path)) else list(model_dir)
+        from medunet.inference.cascade import CascadePredictor, is_cascade
+
+        if cls is Predictor and len(given) == 1 and is_cascade(given[0]):
+            return CascadePredictor.load(given[0], checkpoint, device, precision, backend=backend, int8=int8,
+                                         overlap=overlap, postprocess=postprocess, calibration=calibration)
         dirs = expand_model_dirs(given)
+        for d in dirs:
+            if is_cascade(d):
+                raise InputError("a cascade cannot be part of an ensemble", d,
+                                 "predict with the cascade alone")
         dev = resolve_device(device) if backend == "torch" else torch.device("cpu")
         prec = resolve_precision(precision, dev) if backend == "torch" else "fp32"
         members = []

@@ -13,6 +13,9 @@ Rules, in the order :func:`make_plan` applies them:
 - cropping to the non-zero region when it removes >= 10 % of the median case; z-score inside
   the non-zero region when it removes >= 25 % (nnU-Net's rule: the empty border would
   otherwise dominate the statistics).
+- working resolution (:mod:`medunet.planning.scale`): the target spacing is coarsened where
+  the labels' large objects would not fit the patch with context, unless thin structures
+  forbid it; a conflict between the two offers the ``cascade`` configuration.
 - configuration: ``2d`` for 2D data, ``3d`` for 3D data; very thick slices (target spacing
   max/min > 3) also offer ``2d``: the same dim-3 plan with one-slice patches and ``[1, 3, 3]``
   kernels, i.e. a 2D U-Net run slice by slice through the unchanged 3D pipeline.
@@ -36,6 +39,7 @@ import numpy as np
 from medunet.augment import default_augmentation
 from medunet.datasets import Dataset, load_case
 from medunet.errors import InputError
+from medunet.planning.scale import label_scales, summarize_scales, working_factor
 from medunet.preprocessing.crop import nonzero_bbox
 from medunet.preprocessing.pipeline import needs_resampling
 from medunet.preprocessing.resample import target_shape
@@ -66,7 +70,7 @@ ANISOTROPY = 3.0  # max/min spacing above which data counts as anisotropic (thic
 RESAMPLE_TOLERANCE = 0.01  # a case within 1 % of the target spacing is left as it is
 CROP_MIN_REMOVED = 0.10  # crop to the non-zero region when it removes at least this share
 NONZERO_NORM_MIN_REMOVED = 0.25  # z-score inside the non-zero region from this share on
-CONFIGS = ("auto", "2d", "3d")
+CONFIGS = ("auto", "2d", "3d", "cascade")
 # Named CT windows as (level, width) in Hounsfield units: the usual radiology presets
 CT_WINDOWS: dict[str, tuple[float, float]] = {
     "lung": (-600.0, 1500.0),
@@ -112,6 +116,8 @@ class Plan:
     preprocessing: dict = field(default_factory=dict)
     configuration: str = ""
     configurations: list[str] = field(default_factory=list)
+    resolution: dict = field(default_factory=dict)
+    cascade: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # plans written before configurations existed were what their dimension says
@@ -256,21 +262,23 @@ def fingerprint_dataset(dataset: Dataset, facts: list[dict], max_samples: int = 
     per-channel intensity statistics inside the foreground (mean, std, 0.5 and 99.5
     percentiles, from up to ``max_samples`` voxels per case and channel), class frequencies
     (share of voxels, share of cases containing the class), the per-case share of voxels kept
-    by cropping to the non-zero region and the shape after it, and each channel's modality.
+    by cropping to the non-zero region and the shape after it, each channel's modality, and
+    per foreground class the scale of its structures (:mod:`medunet.planning.scale`).
     """
     rng = np.random.default_rng(seed)
     per_channel: list[list[np.ndarray]] = [[] for _ in range(dataset.num_channels)]
     class_voxels = np.zeros(dataset.num_classes, dtype=np.int64)
     class_cases = np.zeros(dataset.num_classes, dtype=np.int64)
-    crop_kept, cropped_shapes = [], []
+    crop_kept, cropped_shapes, scales = [], [], []
     for case in dataset.train:
-        image, label, _ = load_case(case, dataset)
+        image, label, geom = load_case(case, dataset)
         box = nonzero_bbox(image)
         cshape = [b - a for a, b in box]
         cropped_shapes.append(cshape)
         crop_kept.append(float(np.prod(cshape) / np.prod(image.shape[1:])))
         if label is None:
             continue
+        scales.append(label_scales(label, geom.spacing[-label.ndim:], dataset.num_classes))
         counts = np.bincount(label.ravel(), minlength=dataset.num_classes)[: dataset.num_classes]
         class_voxels += counts
         class_cases += counts > 0
@@ -302,6 +310,7 @@ def fingerprint_dataset(dataset: Dataset, facts: list[dict], max_samples: int = 
         "class_case_fraction": (class_cases / n_labelled).tolist(),
         "crop_kept": crop_kept,
         "cropped_shapes": cropped_shapes,
+        "scales": summarize_scales(scales),
     }
 
 
@@ -326,6 +335,49 @@ def _target_spacing(fp: dict, dim: int) -> tuple[np.ndarray, int | None, str]:
     return target, None, "median spacing of the training cases"
 
 
+def _working_resolution(fp: dict, dim: int, target: np.ndarray, thick: int | None,
+                        slice_axis: int | None, crop: bool, patch_voxels: int,
+                        label_names: Sequence[str], spacing: Sequence[float] | None,
+                        factor: float | None) -> tuple[np.ndarray, dict, str]:
+    """The target spacing coarsened where objects need context (:mod:`medunet.planning.scale`).
+
+    Only in-plane axes are coarsened for anisotropic data and for the slice-wise ``2d``
+    configuration. ``spacing`` (user-set) or ``factor`` replace the measured choice.
+    """
+    if spacing is not None:
+        sp = np.array([float(v) for v in spacing], dtype=float)
+        if sp.shape != target.shape or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
+            raise InputError(f"spacing must be {dim} positive numbers, got {list(spacing)}",
+                             fix=f"e.g. --set spacing={','.join(['1'] * dim)}")
+        return sp, {"factor": None, "set_by": "user"}, "spacing set by the user"
+    skip = {a for a in (thick, slice_axis) if a is not None}
+    axes = [a for a in range(dim) if a not in skip]
+    shapes = _shape_after(fp, dim, target, crop)
+    median = np.median(np.array(shapes), axis=0)
+    if slice_axis is not None:
+        median[slice_axis] = 1  # one-slice patches: the slice axis takes none of the budget
+    scales = fp.get("scales") or []
+    wr = working_factor(scales, target, median.tolist(), patch_voxels, axes, list(label_names)[1:])
+    chosen, why = wr.factor, wr.reason
+    if factor is not None:
+        if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
+            raise InputError(f"resolution.factor must be a positive number, got {factor!r}",
+                             fix="e.g. --set resolution.factor=1 (the data's own resolution)")
+        chosen = float(factor)
+        why = f"factor {chosen:g} set by the user (measured choice: {wr.reason})"
+    out = target.copy()
+    for a in axes:
+        out[a] = target[a] * chosen
+    if thick is not None:  # never coarser in-plane than across slices
+        out[axes] = np.minimum(out[axes], target[thick])
+    record = {"factor": chosen, "axes": axes, "lowres_factor": wr.lowres_factor,
+              "context_factor": round(wr.context_factor, 3),
+              "fit_factor": round(wr.fit_factor, 3),
+              "thin_factor": round(wr.thin_factor, 3) if math.isfinite(wr.thin_factor) else None,
+              "conflict": wr.conflict, "scales": scales}
+    return out, record, why
+
+
 def _shape_after(fp: dict, dim: int, target: np.ndarray, crop: bool) -> list[list[int]]:
     """Each case's shape after cropping (if planned) and resampling to the target spacing."""
     shapes = fp.get("cropped_shapes") if crop else None
@@ -340,12 +392,15 @@ def _shape_after(fp: dict, dim: int, target: np.ndarray, crop: bool) -> list[lis
 def _normalization(channel_names: list[str], stats: list[dict], nonzero_mask: bool,
                    window: dict | None) -> tuple[list[dict], str]:
     kinds = [modality(n) for n in channel_names]
-    rgb = len(channel_names) == 3 and all(k == "rgb" for k in kinds)
+    # noNorm channels (e.g. a cascade's prior maps) are not intensities: the rules look past them
+    image_kinds = [k for k in kinds if k != "none"]
+    rgb = len(image_kinds) == 3 and all(k == "rgb" for k in image_kinds)
     out = []
-    for i, (kind, st) in enumerate(zip(kinds, stats, strict=True)):
-        if rgb:
+    for kind, st in zip(kinds, stats, strict=True):
+        if rgb and kind == "rgb":
             out.append({"scheme": "rgb", "mean": st["mean"] / 255.0, "std": max(st["std"] / 255.0, 1e-3)})
-        elif window is not None and (kind == "ct" or ("ct" not in kinds and len(kinds) == 1 and i == 0)):
+        elif window is not None and (kind == "ct" or (kind != "none" and "ct" not in kinds
+                                                      and len(image_kinds) == 1)):
             out.append(dict(window))
         elif kind == "ct":
             out.append({"scheme": "ct", "lower": st["p00_5"], "upper": st["p99_5"],
@@ -446,7 +501,8 @@ def default_tta(dim: int, configuration: str) -> str:
 
 def make_plan(dataset: Dataset, fingerprint: dict, preset: str = "default", *, config: str = "auto",
               device_memory_gb: float | None = None, ct_window: str | None = None,
-              window: tuple[float, float] | None = None) -> Plan:
+              window: tuple[float, float] | None = None, spacing: Sequence[float] | None = None,
+              resolution_factor: float | None = None) -> Plan:
     """Derive the plan from the fingerprint with explained rules (see the module docstring).
 
     Args:
@@ -460,6 +516,10 @@ def make_plan(dataset: Dataset, fingerprint: dict, preset: str = "default", *, c
         ct_window: a named HU window (``lung``, ``mediastinum``, ``abdomen``, ``bone``,
             ``brain``) for the CT channels (or the only channel) instead of the percentile clip.
         window: an explicit ``(level, width)`` HU window instead.
+        spacing: the working spacing, chosen by the user (``--set spacing=...``); the patch,
+            batch and network follow from it.
+        resolution_factor: the coarsening factor of the working resolution instead of the one
+            derived from the labels' scales (``--set resolution.factor=1``: the data's own).
     """
     from medunet.nets import PRESETS
 
@@ -470,39 +530,26 @@ def make_plan(dataset: Dataset, fingerprint: dict, preset: str = "default", *, c
         raise InputError(f"unknown configuration '{config}'", fix=f"use one of {', '.join(CONFIGS)}")
     win = _ct_window(ct_window, window)
     kinds = [modality(n) for n in dataset.channel_names]
-    if win is not None and "ct" not in kinds and len(kinds) != 1:
+    if win is not None and "ct" not in kinds and len([k for k in kinds if k != "none"]) != 1:
         raise InputError(f"a CT window needs a CT channel; channels are {', '.join(dataset.channel_names)}",
                          dataset.root / "dataset.json", "name the CT channel 'CT' in channel_names")
     reasons: dict[str, str] = {"dim": f"{dim}D data"}
 
-    # spacing, cropping, resampling
+    # spacing, cropping
     target, thick, reasons["spacing"] = _target_spacing(fingerprint, dim)
     kept = fingerprint.get("crop_kept") or [1.0]
     removed = 1.0 - float(np.median(kept))
     crop = removed >= CROP_MIN_REMOVED - 1e-9
     nonzero_norm = removed >= NONZERO_NORM_MIN_REMOVED - 1e-9
-    off = sum(needs_resampling(sp, target.tolist(), RESAMPLE_TOLERANCE) for sp in fingerprint["spacings"])
-    resample = off > 0
-    preprocessing = {"crop_nonzero": bool(crop), "resample": bool(resample), "image_order": 3,
-                     "label_mode": "nearest", "separate_z": thick}
     reasons["preprocessing.crop_nonzero"] = (
         f"cropping to the non-zero region removes {100 * removed:.0f} % of the median case "
         + (f"(>= {100 * CROP_MIN_REMOVED:.0f} %)" if crop
            else f"(< {100 * CROP_MIN_REMOVED:.0f} %: nothing to gain)"))
-    reasons["preprocessing.resample"] = (
-        f"{off} of {len(fingerprint['spacings'])} cases differ from the target spacing by > 1 %"
-        if resample else "every case is at the target spacing (within 1 %)")
-    reasons["preprocessing.separate_z"] = (
-        f"anisotropic: axis {thick} is resampled on its own (nearest/linear across slices)"
-        if thick is not None else "not anisotropic")
-    reasons["preprocessing.image_order"] = "cubic spline for images, nearest neighbour for labels"
-    shapes = _shape_after(fingerprint, dim, target, crop)
-    median_shape = np.median(np.array(shapes), axis=0).astype(int).tolist()
 
     # configuration
     ratio = float(target.max() / target.min())
     offered = ["2d"] if dim == 2 else (["3d", "2d"] if ratio > ANISOTROPY else ["3d"])
-    chosen = offered[0] if config == "auto" else config
+    chosen = offered[0] if config in ("auto", "cascade") else config
     if chosen not in offered:
         fix = f"use --config {' or '.join(offered)}" if dim == 3 else "2D data has only the 2d configuration"
         raise InputError(f"configuration '{config}' is not offered for this dataset "
@@ -519,12 +566,45 @@ def make_plan(dataset: Dataset, fingerprint: dict, preset: str = "default", *, c
     else:
         reasons["configuration"] = "3D data"
     slice_axis = int(np.argmax(target)) if (dim == 3 and chosen == "2d") else None
+    pdim = 2 if slice_axis is not None else dim
+    max_voxels, step_voxels, max_batch, device_why = _budgets(pdim, device_memory_gb)
+
+    # working resolution: coarser than the data where large objects need context (planning.scale)
+    target, resolution, reasons["resolution"] = _working_resolution(
+        fingerprint, dim, target, thick, slice_axis, crop, max_voxels, dataset.label_names,
+        spacing, resolution_factor)
+
+    if resolution.get("conflict") and resolution.get("set_by") != "user":
+        offered = [*offered, "cascade"]
+        reasons["configuration"] += (
+            f"; 'cascade' offered: a U-Net at {resolution['lowres_factor']:g}x coarser for the large "
+            f"objects, then one at {resolution['factor']:g}x that refines its prediction")
+    if config == "cascade" and "cascade" not in offered:
+        raise InputError("configuration 'cascade' is not offered for this dataset (one working resolution "
+                         "serves all its classes)", dataset.root, f"use --config {offered[0]} or auto")
+    if resolution.get("factor") not in (None, 1.0):
+        reasons["spacing"] += f"; x{resolution['factor']:g} on axes {resolution['axes']} (see resolution)"
+    elif resolution.get("set_by") == "user":
+        reasons["spacing"] = "set by the user"
+
+    # resampling
+    off = sum(needs_resampling(sp, target.tolist(), RESAMPLE_TOLERANCE) for sp in fingerprint["spacings"])
+    resample = off > 0
+    preprocessing = {"crop_nonzero": bool(crop), "resample": bool(resample), "image_order": 3,
+                     "label_mode": "nearest", "separate_z": thick}
+    reasons["preprocessing.resample"] = (
+        f"{off} of {len(fingerprint['spacings'])} cases differ from the target spacing by > 1 %"
+        if resample else "every case is at the target spacing (within 1 %)")
+    reasons["preprocessing.separate_z"] = (
+        f"anisotropic: axis {thick} is resampled on its own (nearest/linear across slices)"
+        if thick is not None else "not anisotropic")
+    reasons["preprocessing.image_order"] = "cubic spline for images, nearest neighbour for labels"
+    shapes = _shape_after(fingerprint, dim, target, crop)
+    median_shape = np.median(np.array(shapes), axis=0).astype(int).tolist()
 
     # patch, strides, kernels, batch
     net = dict(PRESETS[preset])
     max_levels = len(net["features"]) - 1
-    pdim = 2 if slice_axis is not None else dim
-    max_voxels, step_voxels, max_batch, device_why = _budgets(pdim, device_memory_gb)
     if slice_axis is None:
         fit_shape = median_shape
         patch, strides = _patch_and_strides(median_shape, target, dim, max_levels, max_voxels)
@@ -587,6 +667,8 @@ def make_plan(dataset: Dataset, fingerprint: dict, preset: str = "default", *, c
         "epochs": 50,
         "fg_oversample": 1 / 3,
         "val_fraction": 0.2,
+        "val_time_share": 0.15,
+        "val_min_cases": 5,
         "augment": default_augmentation(dim, patch),
     }
     reasons["inference.tta"] = (
@@ -618,4 +700,5 @@ def make_plan(dataset: Dataset, fingerprint: dict, preset: str = "default", *, c
         preprocessing=preprocessing,
         configuration=chosen,
         configurations=offered,
+        resolution=resolution,
     )

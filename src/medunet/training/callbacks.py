@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -73,9 +74,10 @@ def save_run(model_dir: Path, best: bool, *, net: torch.nn.Module, optimizer: to
         "aug_rng": aug_gen.get_state(),
         "torch_rng": torch.get_rng_state(),
     }
-    save_checkpoint(ckpt, model_dir / "checkpoint_last.pt")
+    # best first: a kill between the two never leaves a best score whose weights were not saved
     if best:
         save_checkpoint(ckpt, model_dir / "checkpoint_best.pt")
+    save_checkpoint(ckpt, model_dir / "checkpoint_last.pt")
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
@@ -142,7 +144,11 @@ def plot_curves(log_path: Path, out_path: Path) -> None:
     ax_loss.set_ylabel("loss")
     ax_loss.legend()
     for key in [k for k in rows[0] if k.startswith("val_dice")]:
-        ax_dice.plot(epochs, [float(r[key]) for r in rows], label=key.replace("val_dice_", ""))
+        # epochs without validation have no score: draw the validated ones, joined
+        points = [(e, float(r[key])) for e, r in zip(epochs, rows, strict=True)
+                  if r.get(key) not in (None, "") and math.isfinite(float(r[key]))]
+        if points:
+            ax_dice.plot(*zip(*points, strict=True), marker=".", label=key.replace("val_dice_", ""))
     ax_dice.set_xlabel("epoch")
     ax_dice.set_ylabel("validation Dice (whole images)")
     ax_dice.set_ylim(0, 1)

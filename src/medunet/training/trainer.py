@@ -6,6 +6,7 @@ needs is gathered in :class:`_Run` so each helper stays small.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -20,11 +21,13 @@ import torch
 from medunet.augment import augment_batch, validate_augmentation
 from medunet.datasets import Case, Dataset, find_dataset, validate_dataset
 from medunet.errors import InputError
+from medunet.inference.cascade import is_cascade
 from medunet.inference.sliding_window import sliding_window_inference
 from medunet.planning import Plan, fingerprint_dataset, make_plan
 from medunet.preprocessing.cache import preprocess_dataset
 from medunet.runtime import autocast, flush_denormals, memory_format, resolve_device, resolve_precision
 from medunet.training.callbacks import CsvLog, LiveDisplay, plot_curves, save_run, write_json
+from medunet.training.cascade import train_cascade, wants_cascade
 from medunet.training.losses import build_loss
 from medunet.training.optim import (
     ModelEMA,
@@ -36,6 +39,9 @@ from medunet.training.optim import (
 from medunet.training.sampler import PatchSampler
 from medunet.training.schedule import learning_rate
 
+VAL_TIME_SHARE = 0.15  # plan default of training.val_time_share: validation's share of the time
+VAL_MIN_CASES = 5  # plan default of training.val_min_cases: never score fewer cases than this
+_clock = time.perf_counter  # the validation share's clock (a test replaces it)
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
 
 
@@ -75,6 +81,9 @@ class RunState:
     best_dice: float = -1.0
     stale_epochs: int = 0
     stopped_early: bool = False
+    val_cases: int = 0  # validation subset size (0: not chosen yet), fixed after the first one
+    val_every: int = 1  # validate every this many epochs (> 1 only when few cases are slow)
+    val_seconds_total: float = 0.0
 
 
 @dataclass
@@ -98,6 +107,7 @@ class _Run:
     ema: ModelEMA | None = None
     train_net: torch.nn.Module | None = None
     writer: object | None = None
+    val_order: list[int] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
     elapsed_at_start: float = 0.0
     val_seconds: float = 0.0
@@ -120,7 +130,15 @@ class _Run:
         """With a budget: stop when the next step and a validation would overrun it."""
         if self.budget is None:
             return False
-        return self.elapsed() + self.val_seconds + self.step_seconds >= self.budget
+        return self.elapsed() + self.val_seconds + self.step_seconds + self.final_seconds() >= self.budget
+
+    def final_seconds(self) -> float:
+        """Time the full-set scoring at the end (:func:`_final_choice`) will take: two passes
+        over every validation case when epochs score a subset, else nothing."""
+        n_all, n = len(self.val_images), self.state.val_cases
+        if not n or (n >= n_all and self.state.val_every == 1):
+            return 0.0
+        return 2 * n_all * self.val_seconds / n
 
     def finished(self) -> bool:
         if self.state.stopped_early:
@@ -177,33 +195,111 @@ def _fit(run: _Run, display: LiveDisplay) -> list[dict]:
             display.update(_completed(run), loss=float(np.mean(losses)))
         if not losses:
             break
-        t_val = time.perf_counter()
-        dice = validate(run.eval_net, run.val_images, run.val_labels, run.plan, run.device, run.precision)
-        run.val_seconds = time.perf_counter() - t_val
         run.state.epoch += 1
-        row = _epoch_row(run, losses, dice, time.perf_counter() - t_epoch, t_data)
+        dice, n_val = None, 0
+        if run.state.epoch % max(1, run.state.val_every) == 0:
+            t_val = time.perf_counter()
+            dice, n_val = _validate_share(run)
+            run.val_seconds = time.perf_counter() - t_val
+            run.state.val_seconds_total += run.val_seconds
+        row = _epoch_row(run, losses, dice, n_val, time.perf_counter() - t_epoch, t_data)
         run.log.write(row)
         plot_curves(run.log.path, run.model_dir / "curves.png")
         history.append(row)
         _tensorboard(run, row)
-        improved = row["val_dice"] > run.state.best_dice + float(run.plan.training.get("min_delta", 0.0))
-        if improved:
-            run.state.best_dice = row["val_dice"]
-            run.state.stale_epochs = 0
-        else:
-            run.state.stale_epochs += 1
-        patience = int(run.plan.training.get("patience", 0) or 0)
-        if patience and run.state.stale_epochs >= patience:
-            run.state.stopped_early = True
-            display.epoch_line(f"early stop: no better validation Dice for {patience} epochs")
+        improved = dice is not None and _track_best(run, row["val_dice"], display)
         run.state.elapsed = run.elapsed()
         _save(run, best=improved)
-        display.update(_completed(run), epoch=run.state.epoch, dice=f"{row['val_dice']:.4f}")
+        shown = f"{row['val_dice']:.4f}" if dice is not None else "-"
+        display.update(_completed(run), epoch=run.state.epoch, dice=shown)
         display.epoch_line(
-            f"epoch {run.state.epoch:>3}  loss {row['train_loss']:.4f}  val Dice {row['val_dice']:.4f}"
+            f"epoch {run.state.epoch:>3}  loss {row['train_loss']:.4f}  val Dice {shown}"
             f"{' *' if improved else ''}  lr {row['lr']:.2e}  {row['epoch_seconds']:.1f}s"
         )
+    if history:
+        _final_choice(run, display)
     return history
+
+
+def _track_best(run: _Run, score: float, display: LiveDisplay) -> bool:
+    """Best score and early stopping, counted over validations; True when ``score`` improved."""
+    improved = score > run.state.best_dice + float(run.plan.training.get("min_delta", 0.0))
+    if improved:
+        run.state.best_dice = score
+        run.state.stale_epochs = 0
+    else:
+        run.state.stale_epochs += 1
+    patience = int(run.plan.training.get("patience", 0) or 0)
+    if patience and run.state.stale_epochs >= patience:
+        run.state.stopped_early = True
+        display.epoch_line(f"early stop: no better validation Dice for {patience} validations")
+    return improved
+
+
+def _validate_share(run: _Run) -> tuple[list[float], int]:
+    """Dice on the validation subset that keeps validation within its share of the time.
+
+    Whole-image validation of every case each epoch can cost more than the training itself
+    (hundreds of large 2D images). The first validation scores cases in a fixed seeded order
+    until ``training.val_time_share`` of an epoch's training time is spent (at least
+    ``training.val_min_cases``); that many cases, always the same ones so epochs compare, are
+    scored from then on. When even the minimum costs more than the share, validation runs
+    every ``val_every`` epochs instead. :func:`_final_choice` scores the full set at the end.
+    """
+    t = run.plan.training
+    share = float(t.get("val_time_share", VAL_TIME_SHARE))
+    n_all = len(run.val_images)
+    n_min = min(n_all, int(t.get("val_min_cases", VAL_MIN_CASES)))
+    train_seconds = max(run.step_seconds * run.ipe, 1e-6)
+    counts = np.zeros((3, run.plan.num_classes))
+    if run.state.val_cases:
+        for i in run.val_order[: run.state.val_cases]:
+            counts += _dice_counts(run, i)
+        return _dice(counts), run.state.val_cases
+    t0, n = _clock(), 0
+    while n < n_all and (n < n_min or _clock() - t0 < share * train_seconds):
+        counts += _dice_counts(run, run.val_order[n])
+        n += 1
+    spent = _clock() - t0
+    run.state.val_cases = n
+    run.state.val_every = max(1, math.ceil(spent / (share * train_seconds) - 1e-9)) if n <= n_min else 1
+    return _dice(counts), n
+
+
+def _dice_counts(run: _Run, i: int) -> np.ndarray:
+    return case_counts(run.eval_net, run.val_images[i], run.val_labels[i], run.plan, run.device,
+                       run.precision)
+
+
+def _final_choice(run: _Run, display: LiveDisplay) -> None:
+    """Score the full validation set for the best-by-subset checkpoint and the last weights,
+    and keep the better as ``checkpoint_best.pt`` (``selection.json`` says which and why).
+    Nothing to do when every epoch already scored every case."""
+    n_all = len(run.val_images)
+    if run.state.val_cases >= n_all and run.state.val_every == 1:
+        return
+    best_path = run.model_dir / "checkpoint_best.pt"
+    last = validate(run.eval_net, run.val_images, run.val_labels, run.plan, run.device, run.precision)
+    choice = {"cases": n_all, "subset_cases": run.state.val_cases, "val_every": run.state.val_every,
+              "last_dice": float(np.mean(last)), "last_epoch": run.state.epoch}
+    if best_path.is_file():
+        ckpt = torch.load(best_path, map_location=run.device, weights_only=True)
+        net = copy.deepcopy(run.eval_net)
+        net.load_state_dict(ckpt["ema_model"] if ckpt.get("ema_model") else ckpt["model"])
+        best = validate(net, run.val_images, run.val_labels, run.plan, run.device, run.precision)
+        choice.update(best_dice=float(np.mean(best)), best_epoch=int(ckpt["state"]["epoch"]))
+        keep_last = choice["last_dice"] > choice["best_dice"]
+    else:
+        keep_last = True
+    choice["chosen"] = "last" if keep_last else "best"
+    if keep_last:
+        run.state.best_dice = choice["last_dice"]
+        _save(run, best=True)
+    write_json(run.model_dir / "selection.json", choice)
+    best_text = (f", best-by-subset {choice['best_dice']:.4f} (epoch {choice['best_epoch']})"
+                 if "best_dice" in choice else "")
+    display.epoch_line(f"full validation ({n_all} cases): last {choice['last_dice']:.4f}{best_text}: "
+                       f"keeping {choice['chosen']}")
 
 
 def _tensorboard(run: _Run, row: dict) -> None:
@@ -221,19 +317,24 @@ def _completed(run: _Run) -> float:
     return run.elapsed() if run.budget is not None else run.state.iteration
 
 
-def _epoch_row(run: _Run, losses: list[float], dice: list[float], seconds: float, data_s: float) -> dict:
+def _epoch_row(run: _Run, losses: list[float], dice: list[float] | None, n_val: int, seconds: float,
+               data_s: float) -> dict:
+    """The ``log.csv`` row; an epoch without validation has empty Dice cells."""
+    nan = float("nan")
     row = {
         "epoch": run.state.epoch,
         "iterations": run.state.iteration,
         "train_loss": round(float(np.mean(losses)), 6),
-        "val_dice": round(float(np.mean(dice)), 6),
+        "val_dice": round(float(np.mean(dice)), 6) if dice is not None else nan,
     }
-    for name, d in zip(run.plan.label_names[1:], dice, strict=True):
-        row[f"val_dice_{name}"] = round(float(d), 6)
+    for i, name in enumerate(run.plan.label_names[1:]):
+        row[f"val_dice_{name}"] = round(float(dice[i]), 6) if dice is not None else nan
     row.update({
         "lr": run.optimizer.param_groups[0]["lr"],
         "epoch_seconds": round(seconds, 3),
-        "val_seconds": round(run.val_seconds, 3),
+        "val_seconds": round(run.val_seconds, 3) if dice is not None else 0.0,
+        "val_cases": n_val,
+        "val_share": round(run.state.val_seconds_total / max(run.elapsed(), 1e-9), 4),
         "data_wait_share": round(data_s / max(seconds, 1e-9), 4),
         "elapsed_seconds": round(run.elapsed(), 2),
     })
@@ -241,26 +342,37 @@ def _epoch_row(run: _Run, losses: list[float], dice: list[float], seconds: float
 
 
 @torch.inference_mode()
+def case_counts(net: torch.nn.Module, image: np.ndarray, label: np.ndarray, plan: Plan,
+                device: torch.device, precision: str) -> np.ndarray:
+    """``(3, K)`` true positives, false positives and false negatives per class of one whole
+    case (sliding window); summed over cases they give the pooled Dice."""
+    net.eval()
+    k = plan.num_classes
+    probs = sliding_window_inference(
+        net, torch.from_numpy(np.array(image, dtype=np.float32)), plan.patch_size, k,
+        overlap=plan.inference.get("overlap", 0.5), batch_size=plan.batch_size, precision=precision,
+        device=device)
+    pred = probs.argmax(0).numpy()
+    counts = np.zeros((3, k))
+    for c in range(1, k):
+        p, g = pred == c, label == c
+        counts[:, c] = (np.logical_and(p, g).sum(), np.logical_and(p, ~g).sum(), np.logical_and(~p, g).sum())
+    return counts
+
+
+def _dice(counts: np.ndarray) -> list[float]:
+    tp, fp, fn = counts
+    denom = 2 * tp + fp + fn
+    return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 1.0)[1:].tolist()
+
+
 def validate(net: torch.nn.Module, images: list[np.ndarray], labels: list[np.ndarray], plan: Plan,
              device: torch.device, precision: str) -> list[float]:
     """Dice per foreground class on whole images (sliding window), pooled over the cases."""
-    net.eval()
-    k = plan.num_classes
-    tp, fp, fn = np.zeros(k), np.zeros(k), np.zeros(k)
+    counts = np.zeros((3, plan.num_classes))
     for img, lab in zip(images, labels, strict=True):
-        probs = sliding_window_inference(
-            net, torch.from_numpy(np.array(img, dtype=np.float32)), plan.patch_size, k,
-            overlap=plan.inference.get("overlap", 0.5), batch_size=plan.batch_size, precision=precision,
-            device=device)
-        pred = probs.argmax(0).numpy()
-        for c in range(1, k):
-            p, g = pred == c, lab == c
-            tp[c] += np.logical_and(p, g).sum()
-            fp[c] += np.logical_and(p, ~g).sum()
-            fn[c] += np.logical_and(~p, g).sum()
-    denom = 2 * tp + fp + fn
-    dice = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 1.0)
-    return dice[1:].tolist()
+        counts += case_counts(net, img, lab, plan, device, precision)
+    return _dice(counts)
 
 
 def _save(run: _Run, best: bool) -> None:
@@ -372,6 +484,12 @@ def prepare_plan(data: str | Path, preset: str = "default", overrides: dict | No
     """
     dataset = find_dataset(data)
     facts = validate_dataset(dataset)
+    overrides = dict(overrides or {})
+    # the working resolution drives the patch, batch and network: plan from it, not after it
+    derived = {"spacing": "spacing", "resolution.factor": "resolution_factor"}
+    for key, option in derived.items():
+        if key in overrides:
+            plan_options[option] = overrides.pop(key)
     plan = make_plan(dataset, fingerprint_dataset(dataset, facts), preset=preset, **plan_options)
     if overrides:
         plan = plan.override(overrides)
@@ -421,8 +539,6 @@ def train(data: str | Path, model_dir: str | Path, *, epochs: int | None = None,
     fold = _parse_fold(fold)
     run_dir = parent if fold is None else parent / f"fold_{fold}"
     last = run_dir / "checkpoint_last.pt"
-    if resume and not last.is_file():
-        raise InputError("nothing to resume: no checkpoint_last.pt", run_dir, "run without --resume")
     if not resume and last.is_file():
         raise InputError("the model directory already holds a run", run_dir,
                          "add --resume to continue or extend it, or choose another -o")
@@ -433,7 +549,20 @@ def train(data: str | Path, model_dir: str | Path, *, epochs: int | None = None,
     opts = dict(plan_options or {})
     if dev.type == "cuda":  # plan the patch and batch for this GPU's memory
         opts.setdefault("device_memory_gb", torch.cuda.get_device_properties(dev).total_memory / 2**30)
+    if fold is None and is_cascade(run_dir):  # a cascade resumes as one
+        plan = Plan.load(run_dir)
+        return train_cascade(data, run_dir, plan, epochs=epochs, budget=budget, resume=resume, seed=seed,
+                             preset=preset, overrides=overrides, plan_options=opts, device=device,
+                             precision=precision, progress=progress, report=report, tensorboard=tensorboard,
+                             compile=compile)
+    if resume and not last.is_file():
+        raise InputError("nothing to resume: no checkpoint_last.pt", run_dir, "run without --resume")
     dataset, plan = _run_plan(data, parent, run_dir, resume, fold is not None, preset, overrides, opts)
+    if fold is None and not resume and wants_cascade(plan, opts.get("config", "auto"), budget):
+        return train_cascade(data, run_dir, plan, epochs=epochs, budget=budget, resume=False, seed=seed,
+                             preset=preset, overrides=overrides, plan_options=opts, device=device,
+                             precision=precision, progress=progress, report=report, tensorboard=tensorboard,
+                             compile=compile)
     validate_augmentation(plan.training.get("augment"))  # a bad --set fails before data loads
     if plan.training.get("ema"):
         validate_ema(plan.training["ema"], plan.training.get("ema_every", 1))
@@ -475,7 +604,8 @@ def train(data: str | Path, model_dir: str | Path, *, epochs: int | None = None,
                val_labels=val_lab, device=dev, precision=prec, epochs=epochs, budget=budget,
                state=state, log=CsvLog(run_dir / "log.csv"), elapsed_at_start=state.elapsed, ema=ema,
                train_net=torch.compile(net) if compile else None,
-               writer=_summary_writer(run_dir, state.epoch) if tensorboard else None)
+               writer=_summary_writer(run_dir, state.epoch) if tensorboard else None,
+               val_order=np.random.default_rng(seed).permutation(len(val_img)).tolist())
     run.log.truncate_after(state.epoch)
     total = budget if budget is not None else epochs * run.ipe
     try:

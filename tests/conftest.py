@@ -129,3 +129,20 @@ def tmp_dataset(tmp_path: Path) -> Callable[..., Path]:
         return root
 
     return make
+
+
+def sized_dataset(root: Path, relative: bool, seed: int = 0) -> Path:
+    """Square PNGs of 160-480 px with a disc whose radius follows the image (or not)."""
+    rng = np.random.default_rng(seed)
+    for i, n in enumerate(np.linspace(160, 480, 10).astype(int)):
+        r = 0.3 * n * rng.uniform(0.9, 1.1) if relative else 40 * rng.uniform(0.9, 1.1)
+        yy, xx = np.mgrid[:n, :n]
+        label = ((yy - n / 2) ** 2 + (xx - n / 2) ** 2 <= r * r).astype(np.uint8)
+        image = rng.integers(30, 90, (n, n)).astype(np.uint8)
+        image[label > 0] += 100
+        write_png(root / "imagesTr" / f"c{i:02d}_0000.png", image)
+        write_png(root / "labelsTr" / f"c{i:02d}.png", label)
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "grey"}, "labels": {"background": 0, "object": 1},
+        "numTraining": 10, "file_ending": ".png"}))
+    return root

@@ -481,3 +481,19 @@ def test_tta_auto_is_the_plans_default(tmp_path):
     np.testing.assert_array_equal(auto, flip)
     with pytest.raises(InputError, match="unknown test-time augmentation"):
         pred.predict(tmp_path, tmp_path / "o", tta="spin", progress=False)
+
+
+def test_images_scaled_to_one_size_predict_at_their_own_size(tmp_path):
+    from conftest import sized_dataset
+    from medunet.training import train
+
+    data = sized_dataset(tmp_path / "d", relative=True)
+    model = tmp_path / "m"
+    train(data, model, epochs=1, overrides={"training.iterations_per_epoch": 2}, progress=False,
+          report=False)
+    predictor = Predictor.load(model)
+    assert predictor.plan.preprocessing["image_size"]
+    for n in (150, 517):
+        image = np.random.default_rng(n).integers(0, 255, (1, n, n + 7)).astype(np.float32)
+        labels, probs = predictor.predict_array(image, spacing=(1.0, 1.0))
+        assert labels.shape == (n, n + 7) and probs.shape == (2, n, n + 7)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import write_png
+from conftest import sized_dataset, write_png
 from medunet.datasets import find_dataset, validate_dataset
 from medunet.errors import InputError
 from medunet.planning import fingerprint_dataset, make_plan
@@ -145,3 +145,40 @@ def test_user_sets_the_resolution(tmp_path):
         prepare_plan(root, overrides={"resolution.factor": 0})
     with pytest.raises(InputError, match="spacing"):
         prepare_plan(root, overrides={"spacing": [1, -1]})
+
+
+def test_image_relative_scale_from_the_regression_of_object_on_image_size():
+    from medunet.planning.scale import image_relative_scale
+
+    rng = np.random.default_rng(0)
+    sizes = np.exp(rng.uniform(np.log(300), np.log(1900), 60))
+    noise = np.exp(rng.normal(0, 0.3, 60))
+    follows, why = image_relative_scale(sizes, 0.3 * sizes * noise)  # same field of view
+    assert follows and "median size" in why
+    fixed, _ = image_relative_scale(sizes, 80 * noise)  # same pixel size whatever the image
+    assert not fixed
+    similar, why = image_relative_scale(np.full(60, 500.0) * noise ** 0.1, 0.3 * 500 * noise)
+    assert not similar and "similar size" in why
+    few, _ = image_relative_scale(sizes[:5], 0.3 * sizes[:5])
+    assert not few
+
+
+def test_images_are_brought_to_one_size_when_their_objects_follow_it(tmp_path):
+    from medunet.preprocessing.pipeline import case_spacing, prepare_geometry
+
+    plan = _plan(sized_dataset(tmp_path / "rel", relative=True))
+    size = plan.preprocessing["image_size"]
+    assert size == pytest.approx(np.median(np.linspace(160, 480, 10).astype(int)), abs=1)
+    assert "follow the image" in plan.reasons["preprocessing.image_size"]
+    assert plan.preprocessing["resample"] is True
+    # every image, whatever its size, arrives at the same working shape
+    for n in (160, 333, 480, 900):
+        assert case_spacing((1.0, 1.0), (n, n), plan) == pytest.approx([size / n] * 2)
+        work, info = prepare_geometry(np.zeros((1, n, n), np.float32), (1.0, 1.0), plan)
+        assert abs(work.shape[1] - plan.median_shape[0]) <= 1 and info.original_shape == [n, n]
+    # the object scale is measured at that common size: 0.6 of the median image across
+    assert plan.resolution["scales"][0]["context"] == pytest.approx(0.6 * size, rel=0.15)
+
+    fixed = _plan(sized_dataset(tmp_path / "abs", relative=False))
+    assert fixed.preprocessing["image_size"] is None
+    assert "pixel sizes are kept" in fixed.reasons["preprocessing.image_size"]

@@ -31,6 +31,7 @@ from medunet.preprocessing import normalize
 from medunet.preprocessing.crop import uncrop
 from medunet.preprocessing.pipeline import (
     PreprocessInfo,
+    case_spacing,
     needs_resampling,
     prepare_geometry,
     preprocessing_options,
@@ -333,6 +334,7 @@ class Predictor:
         """The image the networks see (cropped, resampled raw intensities) and the record to
         revert with; ``(image, None)`` when the plan changes nothing for this case."""
         opts = preprocessing_options(self.plan)
+        spacing = case_spacing(spacing, image.shape[1:], self.plan)
         resample = opts["resample"] and needs_resampling(spacing, self.plan.spacing)
         if not opts["crop_nonzero"] and not resample:
             return image, None

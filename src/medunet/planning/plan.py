@@ -39,7 +39,14 @@ import numpy as np
 from medunet.augment import default_augmentation
 from medunet.datasets import Dataset, load_case
 from medunet.errors import InputError
-from medunet.planning.scale import label_scales, summarize_scales, working_factor
+from medunet.planning.scale import (
+    case_scale,
+    image_relative_scale,
+    label_scales,
+    rescale_case,
+    summarize_scales,
+    working_factor,
+)
 from medunet.preprocessing.crop import nonzero_bbox
 from medunet.preprocessing.pipeline import needs_resampling
 from medunet.preprocessing.resample import target_shape
@@ -298,6 +305,12 @@ def fingerprint_dataset(dataset: Dataset, facts: list[dict], max_samples: int = 
     shapes = np.array([f["shape"] for f in facts])
     spacings = np.array([f["spacing"] for f in facts], dtype=float)
     n_labelled = max(1, sum(c.label_path is not None for c in dataset.train))
+    image_size, image_why = _image_size(shapes, spacings, scales)
+    if image_size is not None:  # every image gets the pixel size that brings it to the median size
+        sizes = np.sqrt(np.prod(shapes, axis=1).astype(float))
+        factors = image_size / sizes
+        spacings = spacings * factors[:, None]
+        scales = [rescale_case(c, float(f), shapes.shape[1]) for c, f in zip(scales, factors, strict=True)]
     return {
         "num_cases": len(facts),
         "shapes": shapes.tolist(),
@@ -311,7 +324,22 @@ def fingerprint_dataset(dataset: Dataset, facts: list[dict], max_samples: int = 
         "crop_kept": crop_kept,
         "cropped_shapes": cropped_shapes,
         "scales": summarize_scales(scales),
+        "image_size": image_size,
+        "image_size_why": image_why,
     }
+
+
+def _image_size(shapes: np.ndarray, spacings: np.ndarray, scales: list[list[dict]],
+                ) -> tuple[float | None, str]:
+    """The common image size (edge, pixels) when the images carry no pixel size (all spacings
+    1, as PNG/JPG) and their objects scale with them (:func:`scale.image_relative_scale`)."""
+    if shapes.shape[1] != 2 or not np.allclose(spacings, 1.0, rtol=0, atol=1e-9):
+        return None, "the images have a physical pixel size: objects are compared in physical units"
+    if len(scales) != len(shapes):
+        return None, "not every case is labelled"
+    sizes = np.sqrt(np.prod(shapes, axis=1).astype(float))
+    chosen, why = image_relative_scale(sizes.tolist(), [case_scale(c) for c in scales])
+    return (float(np.median(sizes)) if chosen else None), why
 
 
 def _fmt(values: Sequence[float]) -> str:
@@ -591,7 +619,9 @@ def make_plan(dataset: Dataset, fingerprint: dict, preset: str = "default", *, c
     off = sum(needs_resampling(sp, target.tolist(), RESAMPLE_TOLERANCE) for sp in fingerprint["spacings"])
     resample = off > 0
     preprocessing = {"crop_nonzero": bool(crop), "resample": bool(resample), "image_order": 3,
-                     "label_mode": "nearest", "separate_z": thick}
+                     "label_mode": "nearest", "separate_z": thick,
+                     "image_size": fingerprint.get("image_size")}
+    reasons["preprocessing.image_size"] = fingerprint.get("image_size_why") or "not measured"
     reasons["preprocessing.resample"] = (
         f"{off} of {len(fingerprint['spacings'])} cases differ from the target spacing by > 1 %"
         if resample else "every case is at the target spacing (within 1 %)")

@@ -192,3 +192,54 @@ def _rounded(want: float, fit: float, thin: float) -> float:
     if fit <= min(want, thin):
         return math.ceil(factor * 20 - 1e-9) / 20
     return math.floor(factor * 20 + 1e-9) / 20
+
+
+IMAGE_SCALE_GAIN = 0.9  # image-relative sizes must spread at most this much of pixel sizes
+IMAGE_SIZE_SPREAD = 1.25  # ... and the 90th/10th percentile image sizes differ at least this much
+IMAGE_SCALE_MIN_CASES = 8
+
+
+def case_scale(case: list[dict]) -> float | None:
+    """The scale of one case's objects: the voxel-weighted 90th-percentile context over its
+    classes' components (None for a case without foreground)."""
+    comps = np.array([c for cls in case for c in cls["components"]], dtype=float)
+    if comps.size == 0:
+        return None
+    return _weighted_percentile(comps[:, 2], comps[:, 0], CONTEXT_PERCENTILE)
+
+
+def image_relative_scale(sizes: Sequence[float], scales: Sequence[float | None]) -> tuple[bool, str]:
+    """Whether objects scale with their image (see the module doc), and why.
+
+    ``sizes`` are the images' edge lengths (square root of the pixel count), ``scales`` their
+    :func:`case_scale`. Dividing by the size makes the log-scales spread less exactly when the
+    regression slope of log scale on log size is above 1/2; a margin (:data:`IMAGE_SCALE_GAIN`)
+    keeps datasets where it hardly matters at their pixel size.
+    """
+    pairs = [(float(z), float(c)) for z, c in zip(sizes, scales, strict=True) if c and c > 0]
+    if len(pairs) < IMAGE_SCALE_MIN_CASES:
+        return False, "too few labelled cases to tell whether objects scale with their image"
+    size, scale = np.log(np.array(pairs)).T
+    spread = float(np.exp(np.percentile(size, 90) - np.percentile(size, 10)))
+    if spread < IMAGE_SIZE_SPREAD:
+        return False, (f"images are of similar size (90th/10th percentile {spread:.2f} < "
+                       f"{IMAGE_SIZE_SPREAD:g})")
+    absolute, relative = float(np.std(scale)), float(np.std(scale - size))
+    chosen = relative <= IMAGE_SCALE_GAIN * absolute
+    verdict = ("they follow the image, so every image is scaled to the median size" if chosen
+               else "pixel sizes are kept")
+    return chosen, (f"object sizes spread {absolute:.2f} (log) in pixels and {relative:.2f} relative to "
+                    f"their image's size: {verdict}")
+
+
+def rescale_case(case: list[dict], factor: float, dim: int) -> list[dict]:
+    """:func:`label_scales` of a case whose pixel size is multiplied by ``factor``."""
+    out = []
+    for cls in case:
+        comps = [[n, extent * factor, context * factor] for n, extent, context in cls["components"]]
+        item = {**cls, "volume": cls["volume"] * factor**dim, "surface": cls["surface"] * factor ** (dim - 1),
+                "components": comps}
+        if "thickness" in cls:
+            item["thickness"] = cls["thickness"] * factor
+        out.append(item)
+    return out

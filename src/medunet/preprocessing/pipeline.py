@@ -23,13 +23,13 @@ from medunet.preprocessing.resample import (
     target_shape,
 )
 
-__all__ = ["PreprocessInfo", "needs_resampling", "prepare_geometry", "preprocess_case",
+__all__ = ["PreprocessInfo", "case_spacing", "needs_resampling", "prepare_geometry", "preprocess_case",
            "preprocessing_options", "revert_labels", "revert_probabilities", "revert_to_indices"]
 
 SPACING_TOLERANCE = 0.01  # relative: spacings closer than 1 % are the same grid
 
 _DEFAULTS = {"crop_nonzero": False, "resample": False, "image_order": 3, "label_mode": "nearest",
-             "separate_z": None}
+             "separate_z": None, "image_size": None}
 
 
 def preprocessing_options(plan) -> dict:
@@ -43,6 +43,17 @@ def needs_resampling(spacing: Sequence[float] | None, target: Sequence[float] | 
     if spacing is None or target is None or len(spacing) != len(target):
         return False
     return any(abs(float(s) - float(t)) > tolerance * float(t) for s, t in zip(spacing, target, strict=True))
+
+
+def case_spacing(spacing: Sequence[float] | None, shape: Sequence[int], plan) -> list[float] | None:
+    """The spacing a case is planned and resampled with: its own, or, when the plan scales
+    every image to one size (``preprocessing.image_size``: images without a physical pixel
+    size whose objects follow the image's size), the pixel size that brings it there."""
+    size = preprocessing_options(plan)["image_size"]
+    if not size:
+        return None if spacing is None else [float(s) for s in spacing]
+    edge = float(np.sqrt(np.prod([float(n) for n in shape])))
+    return [float(size) / edge] * len(shape)
 
 
 @dataclass
@@ -88,6 +99,7 @@ def prepare_geometry(image: np.ndarray, spacing: Sequence[float] | None, plan,
     """
     opts = preprocessing_options(plan)
     spatial = [int(n) for n in image.shape[1:]]
+    spacing = case_spacing(spacing, spatial, plan)
     spacing_l = [float(s) for s in spacing] if spacing is not None else [float(s) for s in plan.spacing]
     bbox = nonzero_bbox(image) if opts["crop_nonzero"] else [[0, n] for n in spatial]
     cropped = crop(image, bbox) if not is_full(bbox, spatial) else image

@@ -284,10 +284,14 @@ def _final_choice(run: _Run, display: LiveDisplay) -> None:
               "last_dice": float(np.mean(last)), "last_epoch": run.state.epoch}
     if best_path.is_file():
         ckpt = torch.load(best_path, map_location=run.device, weights_only=True)
-        net = copy.deepcopy(run.eval_net)
-        net.load_state_dict(ckpt["ema_model"] if ckpt.get("ema_model") else ckpt["model"])
-        best = validate(net, run.val_images, run.val_labels, run.plan, run.device, run.precision)
-        choice.update(best_dice=float(np.mean(best)), best_epoch=int(ckpt["state"]["epoch"]))
+        choice["best_epoch"] = int(ckpt["state"]["epoch"])
+        if choice["best_epoch"] == run.state.epoch:  # the last weights are the best ones
+            choice["best_dice"] = choice["last_dice"]
+        else:
+            net = copy.deepcopy(run.eval_net)
+            net.load_state_dict(ckpt["ema_model"] if ckpt.get("ema_model") else ckpt["model"])
+            best = validate(net, run.val_images, run.val_labels, run.plan, run.device, run.precision)
+            choice["best_dice"] = float(np.mean(best))
         keep_last = choice["last_dice"] > choice["best_dice"]
     else:
         keep_last = True

@@ -60,12 +60,22 @@ def main(argv: list[str] | None = None) -> dict:
     run = train_and_predict(ds, args)
     scores = peer_eval(run["predictions"], ds / "labelsTs")
     pooled, mean = scores["pooled"], scores["mean"]
+    flip = {}
+    if args.tta != "flip":  # mirroring's gain on large objects, measured on the same model
+        from medunet.inference import Predictor
+
+        flipped = run["predictions"].with_name("predictions_flip")
+        Predictor.load(run["model"]).predict(ds / "imagesTs", flipped, progress=False, tta="flip")
+        fs = peer_eval(flipped, ds / "labelsTs")
+        flip = {"test_dice_mean_flip_tta": fs["mean"].get("dice"),
+                "test_dice_pooled_flip_tta": fs["pooled"].get("dice")}
     result = {
         "benchmark": "busi",
         **run["facts"],
         "test_dice_mean": mean.get("dice"),
         "test_dice_pooled": pooled.get("dice"),
         "test_mean": {k: mean.get(k) for k in ("iou", "sensitivity", "precision", "hd95")},
+        **flip,
         **run_log(run["model"]),
         "plan": plan_summary(run["model"]),
         "loadavg_end": os.getloadavg(),

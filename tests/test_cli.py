@@ -48,8 +48,9 @@ def test_train_predict_evaluate_end_to_end(tmp_path):
     r = runner.invoke(app, ["predict", str(model), str(data / "imagesTs"), "-o", str(preds),
                             "--save-probabilities", "--quiet"])
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in preds.iterdir()) == [
-        "synth_ts000.npz", "synth_ts000.png", "synth_ts001.npz", "synth_ts001.png"]
+    assert sorted(p.name for p in preds.iterdir()) == [  # the manifest lists what predict wrote
+        ".medunet-predictions.json", "synth_ts000.npz", "synth_ts000.png", "synth_ts001.npz",
+        "synth_ts001.png"]
 
     out_json = tmp_path / "eval.json"
     r = runner.invoke(app, ["evaluate", str(preds), str(data / "labelsTs"), "--json", str(out_json),

@@ -324,3 +324,49 @@ def test_shared_datasets_validate(shared_data: Path, name: str, n_train: int, ch
     assert len(facts) == n_train
     assert all(f["channels"] == channels and len(f["shape"]) == shape_len for f in facts)
     assert all(set(f["label_values"]) <= {0, 1} for f in facts)
+
+
+def test_nonfinite_image_is_refused_naming_the_file(tmp_dataset: MakeDataset) -> None:
+    root = tmp_dataset(shape=(6, 5, 4), spacing=(1.0, 1.0, 2.0))
+    bad = np.random.default_rng(0).normal(size=(6, 5, 4)).astype(np.float32)
+    bad[1, 2, 3] = np.nan
+    write_nifti(root / "imagesTr" / "case001_0000.nii.gz", bad, np.diag([1.0, 1.0, 2.0, 1.0]))
+    msg = _error(find_dataset(root))
+    assert "case001_0000.nii.gz: case 'case001': image has 1 non-finite voxel(s)" in msg
+
+
+@pytest.mark.parametrize("label_affine, expected", [
+    (np.array([[1.0, 0, 0, 0.5], [0, 1.0, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 1]]), "label origin"),
+    (np.array([[0, 1.0, 0, 0], [1.0, 0, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 1]]), "label axis directions"),
+    (np.array([[1.0, 0, 0, 0.001], [0, 1.0, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 1]]), None),  # within 1 %
+])
+def test_label_origin_and_direction_must_match_the_image(tmp_dataset: MakeDataset, label_affine: np.ndarray,
+                                                         expected: str | None) -> None:
+    root = tmp_dataset(shape=(6, 5, 4), spacing=(1.0, 1.0, 2.0))
+    write_nifti(root / "labelsTr" / "case002.nii.gz", np.zeros((6, 5, 4), np.uint8) + (np.arange(4) == 1),
+                label_affine)
+    if expected is None:
+        validate_dataset(find_dataset(root))
+        return
+    msg = _error(find_dataset(root))
+    assert f"case002.nii.gz: case 'case002': {expected}" in msg and "resample the label" in msg
+
+
+def test_label_in_another_format_compares_in_one_world_frame(tmp_path: Path) -> None:
+    """A NIfTI image (RAS) and its NRRD label (LPS) with the same placement are on one grid."""
+    from medunet.io import Geometry, read_image, write_image
+
+    root = tmp_path / "ds"
+    affine = np.array([[-0.8, 0, 0, 12.0], [0, 0.8, 0, -7.0], [0, 0, 2.5, 3.0], [0, 0, 0, 1]])
+    for i in range(2):
+        write_nifti(root / "imagesTr" / f"c{i}_0000.nii.gz", np.ones((6, 5, 4), np.float32), affine)
+        _, geom = read_image(root / "imagesTr" / f"c{i}_0000.nii.gz")
+        lab = np.zeros((1, 6, 5, 4), np.uint8)
+        lab[0, 2:4, 2:4, 1:3] = 1
+        write_image(root / "labelsTr" / f"c{i}.nrrd", lab, geom)  # converted to LPS on the way
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "file_ending": ".nii.gz",
+                                                   "labels": {"background": 0, "x": 1}, "numTraining": 2}))
+    validate_dataset(find_dataset(root))
+    write_image(root / "labelsTr" / "c1.nrrd", lab,
+                Geometry(spacing=(0.8, 0.8, 2.5), origin=(12.0, -7.0, 3.0), fmt="itk"))  # RAS numbers as LPS
+    assert "label origin" in _error(find_dataset(root))

@@ -497,3 +497,80 @@ def test_images_scaled_to_one_size_predict_at_their_own_size(tmp_path):
         image = np.random.default_rng(n).integers(0, 255, (1, n, n + 7)).astype(np.float32)
         labels, probs = predictor.predict_array(image, spacing=(1.0, 1.0))
         assert labels.shape == (n, n + 7) and probs.shape == (2, n, n + 7)
+
+
+def test_predict_never_overwrites_inputs_or_foreign_files(tmp_path):
+    from medunet.inference.predictor import PREDICTIONS_MANIFEST
+
+    pred = Predictor.load(_model_dir(tmp_path, 2), precision="fp32")
+    imgs, gt = tmp_path / "imgs", tmp_path / "labelsTs"
+    image = (np.random.default_rng(2).random((1, 20, 24)) * 255).astype(np.uint8)
+    write_image(imgs / "a.png", image)  # one channel, no _0000: the label would be imgs/a.png
+    original = (imgs / "a.png").read_bytes()
+    with pytest.raises(InputError, match="output folder is an input folder"):
+        pred.predict(imgs, imgs, progress=False)
+    (tmp_path / "link").symlink_to(imgs)
+    with pytest.raises(InputError, match="output folder is an input folder"):
+        pred.predict(imgs / "a.png", tmp_path / "link", progress=False)
+    write_image(gt / "a.png", np.ones((1, 20, 24), np.uint8))
+    truth = (gt / "a.png").read_bytes()
+    with pytest.raises(InputError, match="not written by medunet predict"):
+        pred.predict(imgs, gt, progress=False)
+    assert (imgs / "a.png").read_bytes() == original and (gt / "a.png").read_bytes() == truth
+    assert not (gt / PREDICTIONS_MANIFEST).exists()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("kept")
+    first = pred.predict(imgs, out, save_probabilities=True, progress=False)
+    again = pred.predict(imgs, out, save_probabilities=True, progress=False)  # its own files: rewritten
+    assert first == again == [out / "a.png"] and (out / "a.npz").is_file()
+    assert (out / "notes.txt").read_text() == "kept"
+    write_image(imgs / "a_0000.png", image)  # a second input with the same case id
+    with pytest.raises(InputError, match="two inputs would both write a.png"):
+        pred.predict(imgs, tmp_path / "out2", progress=False)
+
+
+def test_nonfinite_images_are_refused_unless_filled(tmp_path):
+    from medunet.inference import fill_nonfinite
+
+    pred = _pointwise_predictor(tmp_path, dims=3)
+    vol = np.random.default_rng(3).normal(size=(1, 12, 10, 8)).astype(np.float32)
+    bad = vol.copy()
+    bad[0, 1, 2, 3], bad[0, 4, 4, 4] = np.nan, np.inf
+    with pytest.raises(InputError, match="2 non-finite voxel"):
+        pred.predict_array(bad)
+    src = tmp_path / "in" / "c_0000.nii.gz"
+    write_image(src, bad, Geometry.identity(3))
+    with pytest.raises(InputError, match=r"c_0000.nii.gz: image has 2 non-finite"):
+        pred.predict(src.parent, tmp_path / "out", progress=False)
+    filled = fill_nonfinite(bad)
+    assert np.isnan(bad).sum() == 1  # the caller's array is left alone
+    expected = bad.copy()
+    expected[~np.isfinite(bad)] = np.nanmin(np.where(np.isinf(bad), np.nan, bad))
+    np.testing.assert_array_equal(filled, expected)
+    (out,) = pred.predict(src.parent, tmp_path / "out", progress=False, fill_nonfinite_values=True)
+    labels, _ = pred.predict_array(expected)
+    np.testing.assert_array_equal(read_image(out)[0][0], labels)
+    two = np.stack([vol[0], np.full(vol.shape[1:], np.nan, np.float32)])
+    with pytest.raises(InputError, match="channel 1 has no finite value"):
+        fill_nonfinite(two)
+
+
+def test_cli_predict_fill_nonfinite(tmp_path):
+    from typer.testing import CliRunner
+
+    from medunet.cli import app
+
+    model = _model_dir(tmp_path, 2)
+    img = np.random.default_rng(4).normal(size=(1, 20, 16)).astype(np.float32)
+    img[0, 3, 3] = np.nan
+    import tifffile
+
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "c_0000.tif", img[0])  # a float 2D image
+    args = ["predict", str(model), str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--quiet"]
+    r = CliRunner().invoke(app, args)
+    assert isinstance(r.exception, InputError) and "1 non-finite voxel" in str(r.exception)
+    r = CliRunner().invoke(app, [*args, "--fill-nonfinite"])
+    assert r.exit_code == 0, r.output
+    assert read_image(tmp_path / "out" / "c.tif")[0].shape == (1, 20, 16)

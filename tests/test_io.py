@@ -470,3 +470,61 @@ def test_write_into_unwritable_place_is_an_input_error(tmp_path: Path) -> None:
     with pytest.raises(InputError) as err:
         write_image(blocker / "out.png", np.zeros((2, 2), np.uint8))
     assert "out.png" in str(err.value)
+
+
+def _huge_headers(tmp_path: Path) -> list[Path]:
+    """Small files whose headers claim 5000**3 values: reading their data would need ~500 GB."""
+    import struct
+
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), str(tmp_path / "small.nii"))
+    raw = bytearray((tmp_path / "small.nii").read_bytes())
+    struct.pack_into("<8h", raw, 40, 3, 5000, 5000, 5000, 1, 1, 1, 1)  # the header's dim field
+    (tmp_path / "huge.nii").write_bytes(raw)
+    (tmp_path / "huge.nrrd").write_text(
+        "NRRD0004\ntype: float\ndimension: 3\nspace: left-posterior-superior\nsizes: 5000 5000 5000\n"
+        "space directions: (1,0,0) (0,1,0) (0,0,1)\nencoding: raw\nendian: little\n\n")
+    (tmp_path / "huge.mha").write_bytes(
+        b"ObjectType = Image\nNDims = 3\nDimSize = 5000 5000 5000\nElementSpacing = 1 1 1\n"
+        b"ElementType = MET_FLOAT\nElementDataFile = LOCAL\n" + bytes(64))
+    return [tmp_path / "huge.nii", tmp_path / "huge.nrrd", tmp_path / "huge.mha"]
+
+
+def test_oversized_headers_are_refused_before_reading(tmp_path, monkeypatch):
+    for path in _huge_headers(tmp_path):
+        with pytest.raises(InputError, match=r"holds 125,000,000,000 values, more than the limit of 1,073,"):
+            read_image(path)
+        with pytest.raises(InputError, match="more than the limit"):
+            read_label(path)
+    # 2D formats: Pillow and tifffile give the size before decoding
+    write_image(tmp_path / "c.png", np.zeros((3, 40, 30), np.uint8))
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "s.tif", np.zeros((5, 30, 20), np.uint8))
+    monkeypatch.setattr(io_image, "MAX_VOXELS", 3000)
+    with pytest.raises(InputError, match=r"c.png: image of shape \(3, 40, 30\) holds 3,600 values"):
+        read_image(tmp_path / "c.png")
+    monkeypatch.setattr(io_image, "MAX_VOXELS", 2999)
+    with pytest.raises(InputError, match=r"s.tif: image of shape \(5, 30, 20\) holds 3,000 values, more than "
+                                         r"the limit of 2,999 .* raise the limit \(MEDUNET_MAX_VOXELS\)"):
+        read_image(tmp_path / "s.tif")
+    monkeypatch.setenv("MEDUNET_MAX_VOXELS", "4000")  # the environment overrides the default
+    assert read_image(tmp_path / "c.png")[0].shape == (3, 40, 30)
+    monkeypatch.setenv("MEDUNET_MAX_VOXELS", "lots")
+    with pytest.raises(InputError, match="MEDUNET_MAX_VOXELS='lots' is not a positive number"):
+        read_image(tmp_path / "c.png")
+
+
+def test_nonpositive_or_nonfinite_spacing_is_refused(tmp_path):
+    import struct
+
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), str(tmp_path / "a.nii"))
+    raw = bytearray((tmp_path / "a.nii").read_bytes())
+    struct.pack_into("<4f", raw, 76, 1.0, 1.0, float("nan"), 1.0)  # pixdim[0..3]
+    (tmp_path / "nan.nii").write_bytes(raw)
+    with pytest.raises(InputError, match=r"nan.nii: voxel spacing \(1.0, nan, 1.0\) is not positive and fin"):
+        read_image(tmp_path / "nan.nii")
+    (tmp_path / "zero.mha").write_bytes(
+        b"ObjectType = Image\nNDims = 3\nDimSize = 2 2 2\nElementSpacing = 1 0 1\nElementType = MET_UCHAR\n"
+        b"ElementDataFile = LOCAL\n" + bytes(8))
+    with pytest.raises(InputError, match=r"zero.mha: voxel spacing \(1.0, 0.0, 1.0\)"):
+        read_label(tmp_path / "zero.mha")

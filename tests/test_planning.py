@@ -68,7 +68,7 @@ def test_plan_rgb_normalisation(tmp_path):
     assert [n["scheme"] for n in plan.normalization] == ["rgb"] * 3
     assert plan.configuration == "2d" and plan.configurations == ["2d"]
     assert plan.preprocessing == {"crop_nonzero": False, "resample": False, "image_order": 3,
-                                  "label_mode": "nearest", "separate_z": None}
+                                  "label_mode": "nearest", "separate_z": None, "image_size": None}
     assert plan.network["kernel_sizes"] == [[3, 3]] * len(plan.network["features"])
     # mean/std are those of the foreground pixels scaled to [0, 1]
     sch = plan.normalization[0]

@@ -177,3 +177,25 @@ def test_cache_case_selection(cache_setup, tmp_path):
     assert list(got) == ids and len(list((tmp_path / "c").glob("*.json"))) == 2
     with pytest.raises(InputError, match="not in the dataset: nope"):
         preprocess_dataset(ds, plan, tmp_path / "c", case_ids=["nope"], progress=False)
+
+
+def test_cache_recomputes_damaged_arrays(cache_setup, tmp_path):
+    from medunet.preprocessing import preprocess_dataset
+
+    ds, plan = cache_setup
+    cache = tmp_path / "cache"
+    cases = preprocess_dataset(ds, plan, cache, workers=1, progress=False)
+    ids = [c.case_id for c in ds.train]
+    good = {i: [np.array(a) for a in cases[i].load()] for i in ids}
+    img0 = cache / f"{ids[0]}_img.npy"
+    img0.write_bytes(img0.read_bytes()[:-10])  # truncated (a full disk)
+    (cache / f"{ids[1]}_seg.npy").write_bytes(b"not an npy file at all")
+    np.save(cache / f"{ids[2]}_img.npy", np.zeros((1, 3, 3, 3), np.float32))  # complete, wrong shape
+    again = preprocess_dataset(ds, plan, cache, workers=1, progress=False)
+    for i in ids:
+        image, label = again[i].load()
+        np.testing.assert_array_equal(image, good[i][0])
+        np.testing.assert_array_equal(label, good[i][1])
+    before = _state(cache)
+    preprocess_dataset(ds, plan, cache, workers=1, progress=False)  # repaired: reused as they are
+    assert _state(cache) == before

@@ -305,12 +305,16 @@ def test_time_budget_stops(tiny_data, tmp_path):
 
 def test_early_stopping_stops(tiny_data, tmp_path):
     # min_delta 2.0: no Dice can beat the start (-1) by 2, so patience 2 stops after epoch 2
-    ov = {**FAST, "training.patience": 2, "training.min_delta": 2.0}
+    ov = {**FAST, "training.patience": 2, "training.min_delta": 2.0, "training.patience_after": 0.0}
     res = train(tiny_data, tmp_path / "m", epochs=10, overrides=ov, progress=False, report=False)
     assert res.epochs == 2
     state = torch.load(tmp_path / "m" / "checkpoint_last.pt", weights_only=True)["state"]
     assert state["stopped_early"] and state["stale_epochs"] == 2
     assert len(list(csv.DictReader((tmp_path / "m" / "log.csv").open()))) == res.epochs
+    # by default the patience counts only in the second half of the run: epochs 5 and 6 of 10
+    del ov["training.patience_after"]
+    res = train(tiny_data, tmp_path / "d", epochs=10, overrides=ov, progress=False, report=False)
+    assert res.epochs == 6
 
 
 def test_ema_is_validated_and_served(tiny_data, tmp_path):
@@ -478,3 +482,46 @@ def test_subset_validation_logs_share_and_chooses_on_the_full_set(tmp_path):
         assert best["state"]["epoch"] == 2 and best["state"]["best_dice"] == pytest.approx(expected)
     else:
         assert best["state"]["epoch"] == choice["best_epoch"] == 1
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
+    from medunet.training import trainer
+
+    real = trainer._loss
+
+    def nan_from_step_3(plan, net):
+        fn, calls = real(plan, net), [0]
+
+        def loss(out, y):
+            calls[0] += 1
+            value = fn(out, y)
+            return value * float("nan") if calls[0] >= 3 else value
+
+        return loss
+
+    monkeypatch.setattr(trainer, "_loss", nan_from_step_3)
+    real_pp = trainer.preprocess_dataset  # in this process: a worker pool costs more than 5 tiny cases
+    monkeypatch.setattr(trainer, "preprocess_dataset", lambda *a, **k: real_pp(*a, **{**k, "workers": 1}))
+    model = tmp_path / "m"
+    with pytest.raises(InputError, match=r"training loss is nan at step 3; checkpoint_last.pt \(epoch 1\)"):
+        train(tiny_data, model, epochs=3, overrides={"training.iterations_per_epoch": 2}, progress=False,
+              report=False)
+    state = torch.load(model / "checkpoint_last.pt", weights_only=True)
+    assert state["state"]["epoch"] == 1 and state["state"]["iteration"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert [int(r["epoch"]) for r in csv.DictReader((model / "log.csv").open())] == [1]
+    assert not (model / ".train.lock").exists()  # the run's lock goes with it, even on an error
+
+
+def test_a_second_run_into_the_same_directory_is_refused(tiny_data, tmp_path):
+    from medunet.files import exclusive_lock
+
+    model = tmp_path / "m"
+    with (exclusive_lock(model / ".train.lock", "busy", "wait"),  # as a running train() holds it
+          pytest.raises(InputError, match="another training run is writing to this directory")):
+        train(tiny_data, model, epochs=1, overrides=FAST, progress=False, report=False)
+    assert not model.exists()  # refused before writing anything; the holder's folder is cleaned up
+    with (exclusive_lock(model / "fold_1" / ".train.lock", "busy", "wait"),
+          pytest.raises(InputError, match="another training run")):
+        train(tiny_data, model, fold=1, epochs=1, overrides=FAST, progress=False, report=False)
+    assert not (model / "plan.json").exists()

@@ -202,6 +202,9 @@ def predict(
     overlay: bool = typer.Option(False, help="also draw OUTPUT/overlays/{case}.png (contours on the image)"),
     dicom_seg: bool = typer.Option(True, "--dicom-seg/--no-dicom-seg",
                                    help="for DICOM series input, also write {case}.seg.dcm (DICOM-SEG)"),
+    fill_nonfinite: bool = typer.Option(False, "--fill-nonfinite",
+                                        help="replace NaN/inf voxels with the channel's lowest finite value "
+                                        "(default: refuse such images)"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N (torch backend)"),
     precision: str = typer.Option("auto", help="auto, fp32, bf16, fp16 (torch backend)"),
     quiet: bool = typer.Option(False, help="no progress display"),
@@ -216,7 +219,8 @@ def predict(
                                postprocess=postprocess, calibration=calibration)
     t0 = time.perf_counter()
     written = predictor.predict(inputs, output, save_probabilities=save_probabilities,
-                                progress=not quiet, tta=tta, overlay=overlay, dicom_seg=dicom_seg)
+                                progress=not quiet, tta=tta, overlay=overlay, dicom_seg=dicom_seg,
+                                fill_nonfinite_values=fill_nonfinite)
     dt = time.perf_counter() - t0
     n = len(predictor.members)
     out.print(f"wrote {len(written)} label map(s) to {output} ({dt / max(1, len(written)):.2f}s per case; "

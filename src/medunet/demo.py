@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,10 @@ import numpy as np
 
 from medunet.datasets.synthetic import make_synthetic_dataset
 from medunet.errors import InputError
+
+# a folder holding this file was made by the demo: a new demo run may replace DEMO_ENTRIES in it
+DEMO_MARKER = ".medunet-demo.json"
+DEMO_ENTRIES = ("data", "model", "predictions", "overlay.png")
 
 
 @dataclass
@@ -30,12 +35,8 @@ def run_demo(out_dir: str | Path = "medunet_demo", time_budget: str = "60s", see
     from medunet.training import train
 
     out = Path(out_dir)
+    claim_demo_dir(out)
     data, model, preds = out / "data", out / "model", out / "predictions"
-    for d in (data, model, preds):
-        if d.exists():
-            if d == model and not (d / "plan.json").is_file():
-                raise InputError("exists and is not a medunet model directory", d, "choose another --out")
-            shutil.rmtree(d)
     make_synthetic_dataset(data, n_train=n_train, n_test=n_test, shape=(size, size), seed=seed)
     overrides = {"training.iterations_per_epoch": 25}
     result = train(data, model, time_budget=None if epochs else time_budget, epochs=epochs,
@@ -44,6 +45,29 @@ def run_demo(out_dir: str | Path = "medunet_demo", time_budget: str = "60s", see
     res = evaluate(preds, data / "labelsTs", progress=False)
     overlay = draw_overlay(data, preds, out / "overlay.png")
     return DemoResult(out, res.metric(1, "dice", kind="mean"), overlay, result.seconds, res)
+
+
+def claim_demo_dir(out: Path) -> None:
+    """Make ``out`` the demo's folder: a missing or empty folder gets the marker file, a
+    previous demo's folder (it has the marker) loses what the demo wrote there before.
+
+    Anything else is refused: ``-o`` pointing at the user's project must never lose its
+    ``data/`` or ``predictions/`` to the demo.
+    """
+    if out.exists() and not out.is_dir():
+        raise InputError("exists and is not a folder", out, "choose another --output folder")
+    marker = out / DEMO_MARKER
+    if out.is_dir() and not marker.is_file() and any(out.iterdir()):
+        raise InputError("folder is not empty and is not a medunet demo output", out,
+                         "choose a new or empty --output folder")
+    for name in DEMO_ENTRIES:
+        entry = out / name
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        elif entry.exists() or entry.is_symlink():
+            entry.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"written_by": "medunet demo", "entries": list(DEMO_ENTRIES)}) + "\n")
 
 
 def draw_overlay(data: Path, preds: Path, path: Path, n: int = 4) -> Path:

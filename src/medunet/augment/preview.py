@@ -17,6 +17,7 @@ import torch
 from medunet.augment.config import validate_augmentation
 from medunet.augment.pipeline import augment_batch
 from medunet.errors import InputError
+from medunet.files import publish
 
 TILE_PX = 200
 """Each sample is drawn in a TILE_PX x TILE_PX square: the PNG is (rows * TILE_PX) high and
@@ -121,7 +122,7 @@ def augment_preview(data: str | Path, out_png: str | Path, n: int = 16, seed: in
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=_DPI, facecolor="black", format="png")
-        os.replace(tmp, out_png)
+        publish(tmp, out_png)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

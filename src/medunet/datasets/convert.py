@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -32,6 +31,7 @@ import numpy as np
 
 from medunet.datasets.dataset import find_dataset, validate_dataset
 from medunet.errors import InputError
+from medunet.files import publish
 from medunet.io import Geometry, read_image, read_label, split_suffix, write_image
 
 # volume formats hold one channel per file in the nnU-Net layout; 2D natural formats keep
@@ -108,7 +108,7 @@ def convert_dataset(src: str | Path, dst: str | Path, *, name: str | None = None
         _check_output(tmp, plan, src)
         if dst.exists():
             dst.rmdir()  # empty (checked above); os.replace needs the name free on every OS
-        os.replace(tmp, dst)
+        publish(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from medunet.errors import InputError
-from medunet.io import IMAGE_SUFFIXES, Geometry, read_image, read_label, split_suffix
+from medunet.io import IMAGE_SUFFIXES, Geometry, all_finite, read_image, read_label, split_suffix
 
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
 
@@ -289,6 +289,7 @@ def load_case(
     geom = None
     for p in case.image_paths:
         arr, g = read_image(p)
+        _check_finite(arr, p, case.case_id)
         if geom is None:
             geom = g
         elif arr.shape[1:] != arrays[0].shape[1:]:
@@ -309,7 +310,7 @@ def load_case(
                 case.label_path,
                 "labels must have the image's size",
             )
-        _check_spacing(geom, lgeom, case.label_path)
+        _check_grid(geom, lgeom, case.label_path, case.case_id)
         if dataset is not None and dataset.label_values:
             label = _map_values(lab, dataset.label_values, case.label_path)
         else:
@@ -317,17 +318,58 @@ def load_case(
     return image, label, geom
 
 
-def _check_spacing(image_geom: Geometry, label_geom: Geometry, path: Path) -> None:
-    """A label must lie on its image's voxel grid: equal spacing (to 0.1 %), as nnU-Net checks."""
+def _check_finite(image: np.ndarray, path: Path, case_id: str) -> None:
+    """NaN or inf in an image poisons its normalisation (one NaN makes a z-scored case all NaN)
+    and with it the training loss: refuse it here, naming the file."""
+    if all_finite(image):
+        return
+    n = int(np.count_nonzero(~np.isfinite(image)))
+    raise InputError(f"case '{case_id}': image has {n} non-finite voxel(s) (NaN or inf)", path,
+                     "repair the image (e.g. replace NaN with the background value) or leave the case out")
+
+
+# formats without a placement in space: only their spacing (1) can be compared
+_UNPLACED = ("natural", "tiff")
+ORIGIN_TOLERANCE = 0.01  # of the smallest voxel edge: a label shifted by less overlays the same voxels
+DIRECTION_TOLERANCE = 1e-3  # per direction cosine (float32 headers round at ~1e-7)
+
+
+def _world(geom: Geometry) -> np.ndarray:
+    """Voxel index -> world matrix in NIfTI's RAS frame (ITK's LPS has its first two axes
+    flipped), so an image and a label in different formats compare."""
+    m = geom.affine_matrix.copy()
+    if geom.fmt == "itk":
+        m[: min(2, geom.ndim)] *= -1
+    return m
+
+
+def _check_grid(image_geom: Geometry, label_geom: Geometry, path: Path, case_id: str) -> None:
+    """A label must lie on its image's voxel grid: equal spacing (to 0.1 %, as nnU-Net checks),
+    origin (to 1 % of a voxel) and axis directions; a label on another grid trains silently
+    on the wrong voxels."""
     if image_geom.ndim != label_geom.ndim:
         return
+    fix = "resample the label onto the image grid (or give it the image's header)"
     a, b = np.asarray(image_geom.spacing), np.asarray(label_geom.spacing)
     if not np.allclose(a, b, rtol=1e-3, atol=1e-6):
-        raise InputError(
-            f"label spacing {tuple(b.tolist())} differs from image spacing {tuple(a.tolist())}",
-            path,
-            "resample the label onto the image grid",
-        )
+        raise InputError(f"case '{case_id}': label spacing {tuple(b.tolist())} differs from image "
+                         f"spacing {tuple(a.tolist())}", path, fix)
+    if image_geom.fmt in _UNPLACED or label_geom.fmt in _UNPLACED:
+        return
+    wa, wb = _world(image_geom), _world(label_geom)
+    if wa.shape != wb.shape:
+        return
+    n = wa.shape[0] - 1
+    shift = float(np.abs(wa[:n, n] - wb[:n, n]).max())
+    if shift > ORIGIN_TOLERANCE * float(np.abs(a).min()):
+        raise InputError(f"case '{case_id}': label origin {tuple(np.round(wb[:n, n], 4).tolist())} differs "
+                         f"from image origin {tuple(np.round(wa[:n, n], 4).tolist())} (by {shift:.4g})",
+                         path, fix)
+    da = wa[:n, :n] / np.linalg.norm(wa[:n, :n], axis=0)
+    db = wb[:n, :n] / np.linalg.norm(wb[:n, :n], axis=0)
+    if float(np.abs(da - db).max()) > DIRECTION_TOLERANCE:
+        raise InputError(f"case '{case_id}': label axis directions {np.round(db, 4).tolist()} differ from "
+                         f"the image's {np.round(da, 4).tolist()}", path, fix)
 
 
 def _unique(lab: np.ndarray) -> list[int]:
@@ -360,7 +402,8 @@ def validate_dataset(
     """Read every case once and check it; returns per-case facts (shape, spacing, label values).
 
     Raises :class:`InputError` (one line, naming the file) on: no cases, a missing label,
-    unreadable/empty files, image/label shape or spacing mismatch, undeclared label values,
+    unreadable/empty files, NaN/inf in an image, image/label shape, spacing, origin or
+    direction mismatch, undeclared label values,
     mixed 2D/3D cases, mixed channel counts, or a channel count other than dataset.json's.
     Infers label values for folder datasets without metadata (0/255 masks -> classes 0/1).
     """

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medunet.errors import InputError
+from medunet.files import publish
 from medunet.inference.predictor import checkpoint_path, load_network
 from medunet.planning import Plan
 
@@ -127,7 +128,7 @@ def _record_check(model_dir: Path, path: Path, entry: dict) -> None:
     data[path.name] = entry
     tmp = _tmp_beside(check_path, ".json")
     tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, check_path)
+    publish(tmp, check_path)
 
 
 def _export_onnx(net: nn.Module, plan: Plan, path: Path) -> None:
@@ -150,7 +151,7 @@ def _export_onnx(net: nn.Module, plan: Plan, path: Path) -> None:
             entry = model.metadata_props.add()
             entry.key, entry.value = k, v
         onnx.save(model, str(tmp))
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -231,7 +232,7 @@ def export_model(model_dir: str | Path, fmt: str = "onnx", *, int8: bool = False
                                          torch.zeros((1, plan.in_channels, *plan.patch_size)),
                                          check_trace=False)
                 traced.save(str(tmp))
-            os.replace(tmp, path)
+            publish(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
         with warnings.catch_warnings():

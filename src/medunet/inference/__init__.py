@@ -2,7 +2,14 @@
 
 from medunet.inference.backends import OnnxBackend, TorchBackend
 from medunet.inference.postprocess import apply_postprocessing, choose_postprocessing
-from medunet.inference.predictor import TTA_MODES, Predictor, expand_model_dirs, find_inputs, load_network
+from medunet.inference.predictor import (
+    TTA_MODES,
+    Predictor,
+    expand_model_dirs,
+    fill_nonfinite,
+    find_inputs,
+    load_network,
+)
 from medunet.inference.sliding_window import gaussian_weights, sliding_window, sliding_window_inference
 
 __all__ = [
@@ -13,6 +20,7 @@ __all__ = [
     "apply_postprocessing",
     "choose_postprocessing",
     "expand_model_dirs",
+    "fill_nonfinite",
     "find_inputs",
     "gaussian_weights",
     "load_network",

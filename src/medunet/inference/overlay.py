@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medunet.files import publish
+
 COLOURS = ["#ff00ff", "#00ff00", "#ffd700", "#00bfff", "#ff4500", "#7fff00", "#ff1493", "#1e90ff"]
 
 
@@ -81,7 +83,7 @@ def write_overlay(image: np.ndarray, labels: np.ndarray, path: str | Path, label
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=90, bbox_inches="tight", format="png")
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

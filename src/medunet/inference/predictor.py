@@ -11,7 +11,9 @@ the plain path, without copies.
 from __future__ import annotations
 
 import json
+import os
 import re
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +22,13 @@ import numpy as np
 import torch
 
 from medunet.errors import InputError
+from medunet.files import publish
 from medunet.inference.backends import Backend, OnnxBackend, TorchBackend
 from medunet.inference.normalization import WindowNormalizer
 from medunet.inference.postprocess import apply_postprocessing, parse_postprocessing
 from medunet.inference.sliding_window import indices_to_labels, sliding_window
 from medunet.inference.tta import TTA_MODES, rotation_plane, tta_transforms, window_predictor
-from medunet.io import IMAGE_SUFFIXES, read_image, split_suffix, write_image
+from medunet.io import IMAGE_SUFFIXES, all_finite, read_image, split_suffix, write_image
 from medunet.planning import Plan
 from medunet.preprocessing import normalize
 from medunet.preprocessing.crop import uncrop
@@ -41,10 +44,12 @@ from medunet.preprocessing.pipeline import (
 from medunet.runtime import memory_format, resolve_device, resolve_precision
 
 __all__ = [
-    "TTA_MODES", "InputCase", "Member", "Predictor", "expand_model_dirs", "find_dicom_cases", "find_inputs",
-    "load_network",
+    "PREDICTIONS_MANIFEST", "TTA_MODES", "InputCase", "Member", "Predictor", "expand_model_dirs",
+    "fill_nonfinite", "find_dicom_cases", "find_inputs", "load_network",
 ]
 BACKENDS = ("torch", "onnx")
+# lists, in an output folder, the files medunet's predict wrote there: only those may be overwritten
+PREDICTIONS_MANIFEST = ".medunet-predictions.json"
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
 
 
@@ -119,6 +124,24 @@ def find_dicom_cases(folder: Path) -> list[InputCase]:
         cid = d.name if per_dir[d] == 1 and names[d.name] == 1 and d.name else uid
         cases.append(InputCase(cid, [d], series_uid=uid))
     return cases
+
+
+def fill_nonfinite(image: np.ndarray, path: Path | None = None, copy: bool = True) -> np.ndarray:
+    """``image`` with NaN and +-inf replaced, channel by channel, by that channel's lowest finite
+    value (background for every usual modality), for images the user chose to predict anyway.
+
+    ``copy=False`` fills a writable array in place. A channel without one finite value is refused.
+    """
+    if all_finite(image):
+        return image
+    out = np.array(image, copy=True) if copy or not image.flags.writeable else image
+    for c in range(out.shape[0]):
+        ch = out[c]
+        bad = ~np.isfinite(ch)
+        if bad.all():
+            raise InputError(f"channel {c} has no finite value", path, "repair the image")
+        ch[bad] = np.min(ch, where=~bad, initial=np.inf)
+    return out
 
 
 @dataclass
@@ -385,6 +408,8 @@ class Predictor:
         return labels, probs
 
     def _check_image(self, image: np.ndarray, path: Path | None = None) -> None:
+        """Refuse what the networks cannot segment: wrong dimension or channels, and NaN/inf
+        (one NaN makes a z-scored image all NaN and the prediction silently all background)."""
         if image.ndim - 1 != self.plan.dim:
             raise InputError(
                 f"image is {image.ndim - 1}D but the model is {self.plan.dim}D", path,
@@ -394,20 +419,27 @@ class Predictor:
                 f"image has {image.shape[0]} channel(s), the model expects {self.plan.in_channels} "
                 f"({', '.join(self.plan.channel_names)})", path,
                 "give every channel (CASE_0000, CASE_0001, ...) or the right colour mode")
+        if not all_finite(image):
+            n = int(np.count_nonzero(~np.isfinite(image)))
+            raise InputError(f"image has {n} non-finite voxel(s) (NaN or inf)", path,
+                             "repair the image, or predict with --fill-nonfinite (replaces them with the "
+                             "image's lowest finite value; medunet.inference.fill_nonfinite for arrays)")
 
     def predict_case(self, case: InputCase, out_dir: Path, save_probabilities: bool = False,
-                     tta: str = "none", overlay: bool = False, dicom_seg: bool = True) -> Path:
+                     tta: str = "none", overlay: bool = False, dicom_seg: bool = True,
+                     fill_nonfinite_values: bool = False) -> Path:
         """Predict one case from its files and write ``{case_id}{ext}`` into ``out_dir``
         (and, with ``overlay``, ``overlays/{case_id}.png`` beside it).
 
         A DICOM series case (``case.series_uid``) gives ``{case_id}.nii.gz`` in the series'
         geometry and, with ``dicom_seg``, ``{case_id}.seg.dcm`` referencing the source slices.
+        ``fill_nonfinite_values``: replace NaN/inf (see :func:`fill_nonfinite`) instead of
+        refusing the image.
         """
         if case.series_uid is not None:
             from medunet.io.dicom import read_dicom_series
 
             image, geom = read_dicom_series(case.paths[0], case.series_uid)
-            suffix = ".nii.gz"
         else:
             arrays, geom = [], None
             for p in case.paths:
@@ -418,13 +450,12 @@ class Predictor:
                 raise InputError("channel files differ in size", case.paths[0])
             image = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
             del arrays
-            suffix = split_suffix(case.paths[0])[1].lower()
+        if fill_nonfinite_values:
+            image = fill_nonfinite(image, case.paths[0], copy=False)
         self._check_image(image, case.paths[0])
         spacing = geom.spacing if geom is not None and len(geom.spacing) == image.ndim - 1 else None
         labels, probs = self.predict_array(image, tta=tta, probabilities=save_probabilities, spacing=spacing)
-        if suffix in (".jpg", ".jpeg"):
-            suffix = ".png"  # a lossy format would corrupt label values
-        out = write_image(out_dir / f"{case.case_id}{suffix}", labels, geom)
+        out = write_image(out_dir / _label_name(case), labels, geom)
         if case.series_uid is not None and dicom_seg:
             from medunet.io.dicom_seg import write_dicom_seg
 
@@ -443,22 +474,92 @@ class Predictor:
 
     def predict(self, inputs: str | Path, out_dir: str | Path, save_probabilities: bool = False,
                 progress: bool = True, tta: str = "auto", overlay: bool = False,
-                dicom_seg: bool = True) -> list[Path]:
+                dicom_seg: bool = True, fill_nonfinite_values: bool = False) -> list[Path]:
         """Predict a file or a folder (of images, or of DICOM series); returns the written
-        label files. ``dicom_seg``: also write a DICOM-SEG for each DICOM series."""
+        label files. ``dicom_seg``: also write a DICOM-SEG for each DICOM series;
+        ``fill_nonfinite_values``: replace NaN/inf instead of refusing such images.
+
+        ``out_dir`` must not be an input folder, and only files that an earlier ``predict``
+        wrote there (listed in its ``.medunet-predictions.json``) are overwritten: anything
+        else in the way (input images, ground truth) is refused before a case is predicted.
+        """
         tta_transforms(self.resolve_tta(tta), self.plan.dim)  # a bad mode fails before any file is read
         out_dir = Path(out_dir)
         cases = find_inputs(inputs, self.plan.in_channels)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        names = [_case_outputs(c, save_probabilities, overlay, dicom_seg) for c in cases]
+        _claim_outputs(out_dir, _input_folders(Path(inputs), cases), [n for ns in names for n in ns])
         written = []
         from rich.progress import Progress
 
         with Progress(disable=not progress, transient=True) as bar:
             task = bar.add_task("predicting", total=len(cases))
             for case in cases:
-                written.append(self.predict_case(case, out_dir, save_probabilities, tta, overlay, dicom_seg))
+                written.append(self.predict_case(case, out_dir, save_probabilities, tta, overlay, dicom_seg,
+                                                 fill_nonfinite_values))
                 bar.advance(task)
         return written
+
+
+def _label_name(case: InputCase) -> str:
+    """The label file's name: the input's format (NIfTI for DICOM; PNG for JPEG, whose lossy
+    compression would corrupt label values)."""
+    if case.series_uid is not None:
+        return f"{case.case_id}.nii.gz"
+    suffix = split_suffix(case.paths[0])[1].lower()
+    return f"{case.case_id}{'.png' if suffix in ('.jpg', '.jpeg') else suffix}"
+
+
+def _case_outputs(case: InputCase, probabilities: bool, overlay: bool, dicom_seg: bool) -> list[str]:
+    """Every file ``predict_case`` writes for ``case``, relative to the output folder."""
+    names = [_label_name(case)]
+    if case.series_uid is not None and dicom_seg:
+        names.append(f"{case.case_id}.seg.dcm")
+    if probabilities:
+        names.append(f"{case.case_id}.npz")
+    if overlay:
+        names.append(f"overlays/{case.case_id}.png")
+    return names
+
+
+def _input_folders(inputs: Path, cases: list[InputCase]) -> set[Path]:
+    """The folders the inputs live in (a DICOM series' own folder included), resolved."""
+    folders = {inputs.resolve() if inputs.is_dir() else inputs.resolve().parent}
+    for case in cases:
+        for p in case.paths:
+            folders.add(p.resolve() if case.series_uid is not None else p.resolve().parent)
+    return folders
+
+
+def _claim_outputs(out_dir: Path, input_folders: set[Path], names: list[str]) -> None:
+    """Check that writing ``names`` into ``out_dir`` destroys nothing the user owns, then list
+    them in the folder's manifest (before any is written: a killed run can be re-run)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError("output exists and is not a folder", out_dir, "choose another --output folder")
+    if out_dir.resolve() in input_folders:
+        raise InputError("output folder is an input folder", out_dir,
+                         "choose another --output folder: predictions would overwrite or mix with the images")
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise InputError(f"two inputs would both write {name}", out_dir,
+                             "rename one of the inputs (CASE.ext and CASE_0000.ext are the same case)")
+        seen.add(name)
+    manifest = out_dir / PREDICTIONS_MANIFEST
+    try:
+        previous = set(json.loads(manifest.read_text()).get("files", []))
+    except (OSError, ValueError, AttributeError):
+        previous = set()
+    for name in names:
+        target = out_dir / name
+        if name not in previous and (target.exists() or target.is_symlink()):
+            raise InputError("exists and was not written by medunet predict", target,
+                             "choose a new or empty --output folder (ground truth or images there would be "
+                             "overwritten)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".json", dir=out_dir)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"written_by": "medunet predict", "files": sorted(previous | seen)}, f, indent=1)
+    publish(tmp, manifest)
 
 
 def _check_compatible(members: list[Member]) -> None:
@@ -491,14 +592,11 @@ def _stored_postprocessing(path: Path) -> dict | None:
 
 
 def _save_npz(path: Path, probs: np.ndarray) -> None:
-    import os
-    import tempfile
-
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
     os.close(fd)
     try:
         np.savez_compressed(tmp, probabilities=probs.astype(np.float32))
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

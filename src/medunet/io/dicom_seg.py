@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from medunet.errors import InputError
+from medunet.files import publish
 
 __all__ = ["write_dicom_seg"]
 
@@ -117,7 +118,7 @@ def write_dicom_seg(labels: np.ndarray, source_files: Sequence[str | Path], out_
     os.close(fd)
     try:
         seg.save_as(tmp)
-        os.replace(tmp, out_path)
+        publish(tmp, out_path)
     except OSError as exc:
         raise InputError(f"cannot write DICOM-SEG ({exc.strerror or exc})", out_path) from exc
     finally:

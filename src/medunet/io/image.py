@@ -24,6 +24,13 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 IMAGE_SUFFIXES = NIFTI_SUFFIXES + NATURAL_SUFFIXES + TIFF_SUFFIXES + ITK_SUFFIXES
 
+# The most values (voxels x channels) a file may hold. Readers check the header's size against it
+# before reading the data, so a damaged header or a decompression bomb fails with a message
+# instead of an out-of-memory kill. 1024**3 (4 GiB as float32) is well above clinical volumes
+# (a whole-body CT of 512 x 512 x 2000 is 0.5 G). Raise it by setting this variable or, for the
+# command line, the environment variable MEDUNET_MAX_VOXELS.
+MAX_VOXELS = 1024**3
+
 
 def split_suffix(path: str | Path) -> tuple[str, str]:
     """Split a file name into stem and (possibly double) suffix.
@@ -93,6 +100,44 @@ def _read(path: Path, label: bool) -> tuple[np.ndarray, Geometry]:
     return arr, geom
 
 
+def all_finite(image: np.ndarray) -> bool:
+    """No NaN or inf (integer arrays trivially): min and max propagate both, so checking a large
+    image costs two passes and allocates nothing image-sized."""
+    if not np.issubdtype(image.dtype, np.inexact) or image.size == 0:
+        return True
+    return bool(np.isfinite(image.min()) and np.isfinite(image.max()))
+
+
+def max_voxels() -> int:
+    """The voxel limit in force: ``MEDUNET_MAX_VOXELS`` when set, else :data:`MAX_VOXELS`."""
+    env = os.environ.get("MEDUNET_MAX_VOXELS", "").strip()
+    if not env:
+        return int(MAX_VOXELS)
+    try:
+        value = int(float(env))
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise InputError(f"MEDUNET_MAX_VOXELS={env!r} is not a positive number", fix="e.g. 2e9, or unset it")
+    return value
+
+
+def _check_header(path: Path, shape: tuple[int, ...], spacing: tuple[float, ...] = ()) -> None:
+    """Refuse, from the header alone, a file too large to read (see :data:`MAX_VOXELS`) and a
+    voxel spacing that is zero, negative or not a number (it would poison resampling)."""
+    n = int(np.prod([int(d) for d in shape], dtype=np.float64))
+    limit = max_voxels()
+    if n > limit:
+        raise InputError(f"image of shape {tuple(int(d) for d in shape)} holds {n:,} values, more than the "
+                         f"limit of {limit:,}", path,
+                         "crop or downsample it, or raise the limit (MEDUNET_MAX_VOXELS) on a machine with "
+                         "the memory")
+    sp = np.asarray(spacing, dtype=np.float64)
+    if sp.size and not (np.isfinite(sp).all() and (sp > 0).all()):
+        raise InputError(f"voxel spacing {tuple(sp.tolist())} is not positive and finite", path,
+                         "fix the pixel size in the header (NIfTI pixdim, NRRD/MHA spacing)")
+
+
 def read_label(path: str | Path) -> tuple[np.ndarray, Geometry]:
     """Read a label map (no channel axis), as integers.
 
@@ -125,10 +170,11 @@ def read_label(path: str | Path) -> tuple[np.ndarray, Geometry]:
 def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
     import nibabel as nib
 
-    img = nib.load(str(path))
+    img = nib.load(str(path))  # the header only: the data is read below, once it passed the checks
+    zooms = tuple(float(z) for z in img.header.get_zooms())
+    _check_header(path, img.shape, zooms[: min(len(img.shape), 3)])
     data = np.asanyarray(img.dataobj)
     affine = np.asarray(img.affine, dtype=float)
-    zooms = tuple(float(z) for z in img.header.get_zooms())
     file_ndim = data.ndim
     if data.ndim == 2:
         data = data[..., None]
@@ -180,7 +226,8 @@ def _nifti_geometry_fields(header) -> dict:
 def _read_natural(path: Path, label: bool = False) -> tuple[np.ndarray, Geometry]:
     from PIL import Image
 
-    with Image.open(path) as im:
+    with Image.open(path) as im:  # lazy: the size is known before the pixels are decoded
+        _check_header(path, (len(im.getbands()), im.size[1], im.size[0]))
         im.load()
         mode = im.mode
         if mode in ("P", "PA") and label:  # indexed label maps store class ids as indices
@@ -201,7 +248,9 @@ def _read_natural(path: Path, label: bool = False) -> tuple[np.ndarray, Geometry
 def _read_tiff(path: Path) -> tuple[np.ndarray, Geometry]:
     import tifffile
 
-    arr = tifffile.imread(str(path))
+    with tifffile.TiffFile(str(path)) as tif:
+        _check_header(path, tif.series[0].shape)
+        arr = tif.asarray()
     if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4)):
         return _hw_to_chw(arr), Geometry.identity(2, fmt="tiff")
     if arr.ndim == 3:  # a grey stack: treat pages as the first spatial axis
@@ -220,7 +269,11 @@ def _hw_to_chw(arr: np.ndarray) -> np.ndarray:
 def _read_itk(path: Path) -> tuple[np.ndarray, Geometry]:
     import SimpleITK as sitk
 
-    img = sitk.ReadImage(str(path))
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()  # the header: size, components and spacing before any pixel
+    _check_header(path, (reader.GetNumberOfComponents(), *reader.GetSize()), reader.GetSpacing())
+    img = reader.Execute()
     arr = sitk.GetArrayFromImage(img)  # (z, y, x[, c])
     nd = img.GetDimension()
     arr = np.moveaxis(arr, -1, 0) if img.GetNumberOfComponentsPerPixel() > 1 else arr[None]

@@ -43,6 +43,7 @@ from medunet.planning.scale import (
     case_scale,
     image_relative_scale,
     label_scales,
+    receptive_field,
     rescale_case,
     summarize_scales,
     working_factor,
@@ -363,6 +364,23 @@ def _target_spacing(fp: dict, dim: int) -> tuple[np.ndarray, int | None, str]:
     return target, None, "median spacing of the training cases"
 
 
+MAX_LEVELS = 6  # down-samplings at most (7 resolution stages, as nnU-Net allows)
+
+
+def _levels_for_context(resolution: dict, spacing: np.ndarray, n_convs: int) -> tuple[int, float]:
+    """Down-samplings whose encoder receptive field covers the largest class's context scale
+    at the working spacing (0 when nothing was measured), and that scale in voxels."""
+    axes = resolution.get("axes") or list(range(len(spacing)))
+    contexts = [s.get("context") for s in resolution.get("scales") or [] if s.get("context")]
+    if not contexts:
+        return 0, 0.0
+    context_vox = max(contexts) / min(float(spacing[a]) for a in axes)
+    for levels in range(MAX_LEVELS + 1):
+        if receptive_field(levels, n_convs) >= context_vox:
+            return levels, context_vox
+    return MAX_LEVELS, context_vox
+
+
 def _working_resolution(fp: dict, dim: int, target: np.ndarray, thick: int | None,
                         slice_axis: int | None, crop: bool, patch_voxels: int,
                         label_names: Sequence[str], spacing: Sequence[float] | None,
@@ -634,7 +652,9 @@ def make_plan(dataset: Dataset, fingerprint: dict, preset: str = "default", *, c
 
     # patch, strides, kernels, batch
     net = dict(PRESETS[preset])
-    max_levels = len(net["features"]) - 1
+    # depth: the preset's, or more where the objects' context is wider than its receptive field
+    depth_needed, context_vox = _levels_for_context(resolution, target, int(net.get("n_convs", 2)))
+    max_levels = max(len(net["features"]) - 1, depth_needed)
     if slice_axis is None:
         fit_shape = median_shape
         patch, strides = _patch_and_strides(median_shape, target, dim, max_levels, max_voxels)
@@ -647,7 +667,9 @@ def make_plan(dataset: Dataset, fingerprint: dict, preset: str = "default", *, c
         patch.insert(slice_axis, 1)
         strides = [s[:slice_axis] + [1] + s[slice_axis:] for s in s2]
         kernels = [[1 if a == slice_axis else 3 for a in range(dim)] for _ in range(len(s2) + 1)]
-    net["features"] = net["features"][: len(strides) + 1]
+    features = list(net["features"])
+    features += [features[-1]] * max(0, len(strides) + 1 - len(features))  # extra levels: widest width
+    net["features"] = features[: len(strides) + 1]
     net["strides"] = strides
     net["kernel_sizes"] = kernels
     net["preset"] = preset
@@ -670,9 +692,15 @@ def make_plan(dataset: Dataset, fingerprint: dict, preset: str = "default", *, c
         + ", rounded to multiples of the down-sampling factor"
         + ("; one slice thick (2d configuration)" if slice_axis is not None else ""))
     reasons["batch_size"] = batch_why
+    rf = receptive_field(len(strides), int(net.get("n_convs", 2)))
+    deeper = len(strides) > len(PRESETS[preset]["features"]) - 1
     reasons["network"] = (f"preset '{preset}'; {len(strides)} down-samplings, an axis pools while its "
-                          "edge stays >= 4" + (f"; kernels and strides 1 on the slice axis {slice_axis}"
-                                               if slice_axis is not None else "")
+                          "edge stays >= 4"
+                          + (f" (more than the preset's {len(PRESETS[preset]['features']) - 1}: the "
+                             f"encoder's receptive field, {rf} voxels, covers the objects' context scale, "
+                             f"{context_vox:.0f} voxels)" if deeper else "")
+                          + (f"; kernels and strides 1 on the slice axis {slice_axis}"
+                             if slice_axis is not None else "")
                           + ("; deep supervision (a loss at every decoder level, weights halving) for "
                              "volume patches" if pdim == 3 else ""))
 
@@ -692,6 +720,7 @@ def make_plan(dataset: Dataset, fingerprint: dict, preset: str = "default", *, c
         "ema": 0.99,
         "ema_every": 4,
         "patience": 15,
+        "patience_after": 0.5,
         "min_delta": 0.0,
         "iterations_per_epoch": 100,
         "epochs": 50,
@@ -709,8 +738,8 @@ def make_plan(dataset: Dataset, fingerprint: dict, preset: str = "default", *, c
     reasons["training"] = (f"Dice+CE; AdamW, lr 3e-3 with warm-up and cosine decay to 1e-6 (measured "
                            f"best for short CPU runs, see BENCHMARKS.md); EMA of the weights (0.99, "
                            f"folded in every 4th step) is validated and saved; early stop after 15 "
-                           f"epochs without a better validation Dice; 1/3 of patches centred on foreground "
-                           f"(foreground is {100 * fg_fraction:.1f}% of voxels)")
+                           f"validations without a better Dice once half the run is done; 1/3 of "
+                           f"patches centred on foreground (foreground: {100 * fg_fraction:.1f}%)")
     return Plan(
         dataset_name=dataset.name,
         dim=dim,

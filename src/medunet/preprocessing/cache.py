@@ -31,6 +31,7 @@ import numpy as np
 
 from medunet.datasets import Case, Dataset, load_case
 from medunet.errors import InputError
+from medunet.files import publish
 
 if TYPE_CHECKING:
     from medunet.planning import Plan
@@ -90,7 +91,7 @@ def _atomic_write(path: Path, write: Callable[[object], None], binary: bool = Tr
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -103,12 +104,36 @@ def _cached(case: Case, cache_dir: Path, expected: dict) -> CachedCase | None:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError):
         return None
-    if any(meta.get(k) != v for k, v in expected.items()) or not img.is_file():
+    if any(meta.get(k) != v for k, v in expected.items()):
+        return None
+    shape = _npy_shape(img, np.float32)
+    if shape is None or list(shape) != meta.get("image_shape"):
         return None
     has_label = case.label_path is not None
-    if has_label and not seg.is_file():
+    if has_label and _npy_shape(seg, np.uint8) != shape[1:]:
         return None
     return CachedCase(case.case_id, img, seg if has_label else None, meta.get("info", {}))
+
+
+def _npy_shape(path: Path, dtype: type) -> tuple[int, ...] | None:
+    """The shape of a complete, C-ordered ``.npy`` of ``dtype``; None for a missing, truncated or
+    otherwise damaged file (a disk full or a copy gone wrong), which is then recomputed rather
+    than failing later in a memory map. Reads the header only."""
+    try:
+        with path.open("rb") as f:
+            fmt = np.lib.format
+            version = fmt.read_magic(f)
+            read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+            if read is None:
+                return None
+            shape, fortran, dt = read(f)
+            offset = f.tell()
+        size = path.stat().st_size
+    except (OSError, ValueError, SyntaxError, TypeError):
+        return None
+    if fortran or dt != np.dtype(dtype) or size != offset + int(np.prod(shape, dtype=np.int64)) * dt.itemsize:
+        return None
+    return tuple(int(n) for n in shape)
 
 
 def _process(case: Case, dataset: Dataset, plan: Plan, cache_dir: Path, expected: dict) -> CachedCase:

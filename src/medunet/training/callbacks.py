@@ -13,6 +13,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from medunet.files import publish
 from medunet.training.optim import optimizer_state
 
 
@@ -54,7 +55,7 @@ def write_json(path: Path, obj: dict) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".json", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    publish(tmp, path)
 
 
 def save_run(model_dir: Path, best: bool, *, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -81,12 +82,13 @@ def save_run(model_dir: Path, best: bool, *, net: torch.nn.Module, optimizer: to
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    """``torch.save`` to a temporary file, then rename: a kill never leaves a broken file."""
+    """``torch.save`` to a temporary file, then rename: a kill never leaves a broken file, and
+    the fsyncs of the file and its folder (``publish(durable=True)``) mean a power loss neither."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".pt", dir=path.parent)
     os.close(fd)
     try:
         torch.save(state, tmp)
-        os.replace(tmp, path)
+        publish(tmp, path, durable=True)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -158,7 +160,7 @@ def plot_curves(log_path: Path, out_path: Path) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=90)
-        os.replace(tmp, out_path)
+        publish(tmp, out_path)
     finally:
         plt.close(fig)
         if os.path.exists(tmp):

@@ -7,11 +7,13 @@ needs is gathered in :class:`_Run` so each helper stays small.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import torch
 from medunet.augment import augment_batch, validate_augmentation
 from medunet.datasets import Case, Dataset, find_dataset, validate_dataset
 from medunet.errors import InputError
+from medunet.files import exclusive_lock
 from medunet.inference.cascade import is_cascade
 from medunet.inference.sliding_window import sliding_window_inference
 from medunet.planning import Plan, fingerprint_dataset, make_plan
@@ -41,6 +44,7 @@ from medunet.training.schedule import learning_rate
 
 VAL_TIME_SHARE = 0.15  # plan default of training.val_time_share: validation's share of the time
 VAL_MIN_CASES = 5  # plan default of training.val_min_cases: never score fewer cases than this
+PATIENCE_AFTER = 0.5  # plan default of training.patience_after: share of the run before patience counts
 _clock = time.perf_counter  # the validation share's clock (a test replaces it)
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
 
@@ -172,7 +176,14 @@ def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor) -> float:
     backward_and_step(loss, run.net, run.optimizer, run.scaler, run.plan.training.get("grad_clip"))
     if run.ema is not None:
         run.ema.update(run.net)
-    return float(loss.detach())
+    value = float(loss.detach())
+    if not math.isfinite(value):  # the weights are ruined now: stop before anything is saved
+        done = f"checkpoint_last.pt (epoch {run.state.epoch}) is the last good state" if run.state.epoch \
+            else "no checkpoint was written"
+        raise InputError(f"training loss is {value} at step {run.state.iteration + 1}; {done}",
+                         run.model_dir, "lower the learning rate (--lr) or check the images for extreme "
+                         "values, then train again")
+    return value
 
 
 def _fit(run: _Run, display: LiveDisplay) -> list[dict]:
@@ -222,12 +233,18 @@ def _fit(run: _Run, display: LiveDisplay) -> list[dict]:
 
 
 def _track_best(run: _Run, score: float, display: LiveDisplay) -> bool:
-    """Best score and early stopping, counted over validations; True when ``score`` improved."""
+    """Best score and early stopping, counted over validations; True when ``score`` improved.
+
+    Validations without improvement count towards the patience only once the run is
+    ``training.patience_after`` (0.5) of the way through: while the learning rate is high the
+    scores swing from epoch to epoch (a plateau there is noise, and the gains of a decaying
+    schedule come late), so an early best must not end a run that has half its budget left.
+    """
     improved = score > run.state.best_dice + float(run.plan.training.get("min_delta", 0.0))
     if improved:
         run.state.best_dice = score
         run.state.stale_epochs = 0
-    else:
+    elif run.progress() >= float(run.plan.training.get("patience_after", PATIENCE_AFTER)):
         run.state.stale_epochs += 1
     patience = int(run.plan.training.get("patience", 0) or 0)
     if patience and run.state.stale_epochs >= patience:
@@ -510,6 +527,23 @@ def _parse_fold(fold: int | str | None) -> int | str | None:
     raise InputError(f"cannot read the fold '{fold}'", fix="use a number (0, 1, ...) or all")
 
 
+def _one_run_per_dir(fn: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
+    """Hold ``RUN_DIR/.train.lock`` while ``train`` runs: a second run into the same directory
+    (``-o`` and fold) would interleave checkpoints and logs, so it is refused. A crashed run's
+    lock is free (flock ends with its process)."""
+
+    @functools.wraps(fn)
+    def locked(data: str | Path, model_dir: str | Path, **kwargs) -> TrainResult:
+        fold = _parse_fold(kwargs.get("fold"))
+        run_dir = Path(model_dir) if fold is None else Path(model_dir) / f"fold_{fold}"
+        with exclusive_lock(run_dir / ".train.lock", "another training run is writing to this directory",
+                            "wait for it to finish, or choose another -o"):
+            return fn(data, model_dir, **kwargs)
+
+    return locked
+
+
+@_one_run_per_dir
 def train(data: str | Path, model_dir: str | Path, *, epochs: int | None = None,
           time_budget: str | float | None = None, resume: bool = False, device: str | None = None,
           precision: str | None = None, seed: int = 0, preset: str = "default",

@@ -46,6 +46,7 @@ def test_publish_gives_files_and_folders_the_umask_mode(tmp_path, mask_027):
 
 def test_every_temporary_name_writer_honours_the_umask(tmp_path, mask_027):
     from medunet.inference.predictor import _save_npz
+    from medunet.planning import Plan
     from medunet.preprocessing.cache import _atomic_write
     from medunet.training.callbacks import save_checkpoint, write_json
 
@@ -53,7 +54,10 @@ def test_every_temporary_name_writer_honours_the_umask(tmp_path, mask_027):
     save_checkpoint({"w": torch.zeros(2)}, tmp_path / "c.pt")
     _atomic_write(tmp_path / "i.npy", lambda f: np.save(f, np.zeros(3)))
     _save_npz(tmp_path / "p.npz", np.zeros((2, 3), np.float32))
-    for name in ("a.json", "c.pt", "i.npy", "p.npz"):
+    Plan(dataset_name="d", dim=2, in_channels=1, channel_names=["x"], label_names=["b", "f"],
+         label_values=[0, 1], spacing=[1.0, 1.0], median_shape=[8, 8], normalization=[{"scheme": "none"}],
+         patch_size=[8, 8], batch_size=2, network={}).save(tmp_path / "plan.json")
+    for name in ("a.json", "c.pt", "i.npy", "p.npz", "plan.json"):
         assert _mode(tmp_path / name) == 0o640, name
     assert torch.load(tmp_path / "c.pt")["w"].shape == (2,)
 

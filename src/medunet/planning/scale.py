@@ -244,14 +244,3 @@ def rescale_case(case: list[dict], factor: float, dim: int) -> list[dict]:
         out.append(item)
     return out
 
-
-def receptive_field(levels: int, n_convs: int = 2, kernel: int = 3) -> int:
-    """Receptive field (voxels) of a U-Net encoder: ``n_convs`` convolutions of ``kernel`` per
-    stage, a 2x down-sampling between stages, ``levels`` down-samplings."""
-    field, jump = 1, 1
-    for level in range(levels + 1):
-        field += n_convs * (kernel - 1) * jump
-        if level < levels:
-            field += jump  # a 2x2 pooling window
-            jump *= 2
-    return field

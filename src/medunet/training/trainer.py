@@ -313,8 +313,9 @@ def _final_choice(run: _Run, display: LiveDisplay) -> None:
     else:
         keep_last = True
     choice["chosen"] = "last" if keep_last else "best"
+    # the run reports the full-set score of what checkpoint_best.pt now holds
+    run.state.best_dice = choice["last_dice"] if keep_last else choice["best_dice"]
     if keep_last:
-        run.state.best_dice = choice["last_dice"]
         _save(run, best=True)
     write_json(run.model_dir / "selection.json", choice)
     best_text = (f", best-by-subset {choice['best_dice']:.4f} (epoch {choice['best_epoch']})"

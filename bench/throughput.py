@@ -11,7 +11,8 @@ own defaults otherwise (augmentation on the training device, bf16 + channels_las
 has native bf16). A second medunet run keeps the same features, strides, patch and batch but our
 `default` preset's blocks (batch norm, max-pool down-sampling: 20.61 M parameters vs nnU-Net's
 20.62 M). Iterations per second count training steps including waiting for data, not
-validation or start-up.
+validation or start-up. ``machine_limit`` compares a step's counted FLOPs per second with the
+bf16 and fp32 matrix-multiply peaks measured in the same run.
 """
 
 from __future__ import annotations
@@ -87,6 +88,52 @@ def run_medunet(args: argparse.Namespace, arch: dict, nnunet_blocks: bool) -> di
             "network": plan.network, "augment": plan.training.get("augment")}
 
 
+def step_flops(plan_dir: Path) -> int:
+    """Floating-point operations of one training step of the plan's network (forward and
+    backward on one batch of patches), counted by torch.utils.flop_counter (convolutions and
+    matrix products; element-wise work is not counted)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from medunet.planning import Plan
+
+    plan = Plan.load(plan_dir)
+    net = plan.build_network().train()
+    x = torch.randn(plan.batch_size, plan.in_channels, *plan.patch_size)
+    with FlopCounterMode(display=False) as counter:
+        out = net(x)
+        loss = sum(o.float().mean() for o in out) if isinstance(out, (list, tuple)) else out.float().mean()
+        loss.backward()
+    return int(counter.get_total_flops())
+
+
+def matmul_peak(dtype: str, n: int = 2048, seconds: float = 3.0) -> float:
+    """The machine's matrix-multiply rate (FLOP/s) in ``dtype`` with torch's threads: the
+    ceiling a training step's convolutions could reach on this CPU."""
+    import torch
+
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
+    for _ in range(3):
+        a @ b
+    runs, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        runs += 1
+    return 2 * n**3 * runs / (time.perf_counter() - t0)
+
+
+def machine_limit(work: Path, its: float) -> dict:
+    """How close a medunet step is to the machine's limit: counted FLOPs per step times steps
+    per second against the bf16 and fp32 matrix-multiply peaks measured now."""
+    flops = step_flops(work)
+    peaks = {d: matmul_peak(d) for d in ("bf16", "fp32")}
+    achieved = flops * its
+    return {"step_gflop": round(flops / 1e9, 2), "achieved_gflops": round(achieved / 1e9, 1),
+            **{f"peak_{d}_gflops": round(p / 1e9, 1) for d, p in peaks.items()},
+            **{f"share_of_{d}_peak": round(achieved / p, 3) for d, p in peaks.items()}}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=180.0, help="training time for each")
@@ -110,6 +157,9 @@ def main(argv: list[str] | None = None) -> dict:
               "speedup_default_blocks": round(ours_default["iterations_per_second"]
                                               / peer["iterations_per_second"], 2),
               "machine": info}
+    result["machine_limit"] = machine_limit(args.work / "medunet", ours["iterations_per_second"])
+    result["machine_limit_default_blocks"] = machine_limit(args.work / "medunet_default_blocks",
+                                                           ours_default["iterations_per_second"])
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     emit(result, args.out)
     return result

@@ -146,3 +146,40 @@ def sized_dataset(root: Path, relative: bool, seed: int = 0) -> Path:
         "channel_names": {"0": "grey"}, "labels": {"background": 0, "object": 1},
         "numTraining": 10, "file_ending": ".png"}))
     return root
+
+
+def write_dicom_series(folder: Path, vol_zyx: np.ndarray, spacing: Sequence[float] = (0.8, 0.7, 2.5),
+                       series_uid: str = "1.2.826.0.1.3680043.2.1125.77") -> list[Path]:
+    """Single-frame CT slices (explicit VR little endian, int16) written with pydicom, one file per
+    slice, named in slice order; independent of medunet.io. Returns the files."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+
+    folder.mkdir(parents=True, exist_ok=True)
+    n, rows, cols = vol_zyx.shape
+    files = []
+    for k in range(n):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = f"{series_uid}.{k + 1}"
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.PatientID = "CT", "P001"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = series_uid + ".0", series_uid
+        ds.FrameOfReferenceUID = series_uid + ".9"
+        ds.InstanceNumber = k + 1
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0.0, 0.0, k * float(spacing[2])]
+        ds.PixelSpacing = [float(spacing[1]), float(spacing[0])]  # row spacing (y), column spacing (x)
+        ds.SliceThickness = float(spacing[2])
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.Rows, ds.Columns = rows, cols
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.PixelData = np.ascontiguousarray(vol_zyx[k], dtype=np.int16).tobytes()
+        path = folder / f"im{k:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return files

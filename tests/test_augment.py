@@ -328,9 +328,8 @@ def test_default_augmentation():
 
 @pytest.mark.parametrize("shape,n", [((48, 48), 5), ((12, 24, 24), 2)])
 def test_preview_writes_a_png_of_the_expected_size(tmp_path, shape, n):
-    from medunet.augment import augment_preview
-    from medunet.augment.preview import TILE_PX, grid_shape
     from medunet.datasets.synthetic import make_synthetic_dataset
+    from medunet.training.preview import TILE_PX, augment_preview, grid_shape
 
     data = make_synthetic_dataset(tmp_path / "data", n_train=3, n_test=0, shape=shape)
     out = augment_preview(data, tmp_path / "out" / "grid.png", n=n, seed=0,
@@ -341,8 +340,8 @@ def test_preview_writes_a_png_of_the_expected_size(tmp_path, shape, n):
 
 
 def test_preview_rejects_bad_settings(tmp_path):
-    from medunet.augment import augment_preview
     from medunet.datasets.synthetic import make_synthetic_dataset
+    from medunet.training.preview import augment_preview
 
     data = make_synthetic_dataset(tmp_path / "data", n_train=2, n_test=0, shape=(32, 32))
     with pytest.raises(InputError, match=r"training\.augment\.gamma"):

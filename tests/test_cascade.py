@@ -11,9 +11,9 @@ from PIL import Image
 from conftest import write_png
 from medunet.errors import InputError
 from medunet.inference import Predictor
-from medunet.inference.cascade import CascadePredictor, prior_channels
+from medunet.inference.predictor import CascadePredictor, prior_channels
+from medunet.planning import prepare_plan
 from medunet.training import train
-from medunet.training.trainer import prepare_plan
 
 
 def _organ_and_vessels(root, n, shape=(512, 512), seed=0):

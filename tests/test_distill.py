@@ -257,7 +257,11 @@ def test_distill_writes_a_loadable_student(teacher, tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     assert json.loads((out / "splits.json").read_text()) == json.loads((model / "splits.json").read_text())
     ckpt = torch.load(out / "checkpoint_last.pt", weights_only=True)
-    assert {"model", "ema_model", "optimizer", "state"} <= set(ckpt) and ckpt["ema_model"] is None
+    assert {"model", "ema_model", "optimizer", "state"} <= set(ckpt)
+    # the student keeps an EMA exactly when its plan (the teacher's) asks for one
+    from medunet.planning import Plan
+
+    assert (ckpt["ema_model"] is not None) == bool(Plan.load(out).training.get("ema"))
 
     plan, net, _ = load_network(out)
     tplan, tnet, _ = load_network(model)
@@ -337,3 +341,65 @@ def test_distill_random_init_kd_only_with_recorded_dataset(teacher, tmp_path):
     assert info["prune_notes"] == [] and info["alpha"] == 1.0
     rows = (tmp_path / "s" / "log.csv").read_text().splitlines()
     assert rows[1].split(",")[rows[0].split(",").index("supervised_loss")] == ""  # KD only
+
+
+def test_distill_resumes_after_sigkill_like_an_uninterrupted_run(teacher, tmp_path):
+    """Distillation runs on the trainer's loop: killed during epoch 2 (SIGKILL), the same
+    command with --resume ends with the weights of a run never interrupted, and the student
+    directory has the layout of a trained one."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data, model = teacher
+    a, b = tmp_path / "a", tmp_path / "b"
+    kw = {"width": 0.5, "epochs": 2, "progress": False, "precision": "fp32"}
+    distill(model, a, data, **kw)
+    code = ("import torch; torch.set_num_threads(1); from medunet.training.distill import distill; "
+            f"import medunet.training.loop as L; distill({str(model)!r}, {str(b)!r}, {str(data)!r}, "
+            "width=0.5, epochs=2, progress=False, precision='fp32')")
+    # slow the steps down so the kill lands inside epoch 2 (checkpoint of epoch 1 exists)
+    code = code.replace("import medunet.training.loop as L; ",
+                        "import time, medunet.training.loop as L; s = L.SupervisedMode.step; "
+                        "L.SupervisedMode.step = lambda self, b, lr: (time.sleep(0.3), s(self, b, lr))[1]; ")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.time() + 120
+    while not (b / "checkpoint_last.pt").exists() or \
+            torch.load(b / "checkpoint_last.pt", weights_only=True)["state"]["epoch"] < 1:
+        assert proc.poll() is None, "distillation ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert torch.load(b / "checkpoint_last.pt", weights_only=True)["state"]["epoch"] == 1
+    with pytest.raises(InputError, match="--resume"):
+        distill(model, b, data, **kw)
+    distill(model, b, data, resume=True, **kw)
+    sa = torch.load(a / "checkpoint_last.pt", weights_only=True)
+    sb = torch.load(b / "checkpoint_last.pt", weights_only=True)
+    assert sb["state"]["epoch"] == sa["state"]["epoch"] == 2
+    for k in sa["model"]:
+        assert torch.allclose(sa["model"][k].float(), sb["model"][k].float(), atol=1e-6), k
+    assert [r.split(",")[0] for r in (b / "log.csv").read_text().splitlines()[1:]] == ["1", "2"]
+    # the same layout as a supervised run (distill.json on top)
+    trained = {p.name for p in model.iterdir() if p.suffix in (".json", ".pt", ".csv", ".png")}
+    student = {p.name for p in b.iterdir() if p.suffix in (".json", ".pt", ".csv", ".png")}
+    assert trained - {"selection.json"} <= student and student - trained <= {"distill.json", "selection.json"}
+    assert not (b / ".train.lock").exists()
+
+
+def test_distill_keeps_an_ema_when_the_plan_has_one(teacher, tmp_path):
+    from medunet.planning import Plan
+
+    data, model = teacher
+    with_ema = tmp_path / "teacher"
+    import shutil
+
+    shutil.copytree(model, with_ema, ignore=shutil.ignore_patterns("preprocessed"))
+    plan = Plan.load(with_ema)
+    plan.training["ema"] = 0.9
+    plan.save(with_ema / "plan.json")
+    distill(with_ema, tmp_path / "s", data, width=0.5, epochs=1, progress=False, precision="fp32")
+    ckpt = torch.load(tmp_path / "s" / "checkpoint_last.pt", weights_only=True)
+    assert ckpt["ema_model"] is not None and ckpt["ema"]["updates"] == ckpt["state"]["iteration"]

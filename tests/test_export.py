@@ -154,3 +154,32 @@ def test_3d_onnx_export_and_int8_needs_a_calibration_source(tmp_path):
     pred = Predictor.load(model, backend="onnx", int8=True)
     labels, _ = pred.predict_array(rng.normal(size=(1, 21, 17, 10)).astype(np.float32), probabilities=False)
     assert labels.shape == (21, 17, 10)
+
+
+def test_onnx_prediction_reads_a_current_export_and_ensure_covers_every_fold(tmp_path):
+    """Inference sits below export: Predictor.load(backend="onnx") never exports itself; it
+    names the command when the export is missing or older than the checkpoint, and
+    ensure_onnx_all exports every fold of a cross-validation directory."""
+    import os
+    import shutil
+
+    from medunet.export import ensure_onnx_all
+
+    model = _random_model_dir(tmp_path, 2)
+    with pytest.raises(InputError, match="no current ONNX export") as err:
+        Predictor.load(model, backend="onnx")
+    assert "medunet export" in str(err.value)
+    (path,) = ensure_onnx_all(model)
+    assert path == default_export_path(model) and Predictor.load(model, backend="onnx").members
+    ckpt = model / "checkpoint_last.pt"
+    os.utime(ckpt, (path.stat().st_mtime + 10, path.stat().st_mtime + 10))  # retrained since
+    with pytest.raises(InputError, match="no current ONNX export"):
+        Predictor.load(model, backend="onnx")
+
+    folds = tmp_path / "cv"
+    for k in range(2):
+        shutil.copytree(model, folds / f"fold_{k}", ignore=shutil.ignore_patterns("export"),
+                        copy_function=shutil.copy)  # fresh times: not the future one set above
+    paths = ensure_onnx_all(folds)
+    assert [p.parent.parent.name for p in paths] == ["fold_0", "fold_1"]
+    assert len(Predictor.load(folds, backend="onnx").members) == 2

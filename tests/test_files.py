@@ -107,3 +107,18 @@ def test_checkpoints_are_fsynced_before_and_after_the_rename(tmp_path, monkeypat
     assert Path(synced[0]).parent == tmp_path and Path(synced[0]).name.startswith(".checkpoint_last.")
     assert Path(synced[1]) == tmp_path  # the folder, after the rename: the new name is on disk
     assert torch.load(tmp_path / "checkpoint_last.pt")["w"].sum() == 3
+
+
+def test_atomic_file_publishes_on_success_and_leaves_nothing_on_error(tmp_path, mask_027):
+    from medunet.files import atomic_file
+
+    target = tmp_path / "sub" / "plan.json"
+    with atomic_file(target) as tmp:
+        assert tmp.parent == target.parent and tmp != target
+        tmp.write_text("{}")
+        assert not target.exists()  # visible only once complete
+    assert target.read_text() == "{}" and stat.S_IMODE(target.stat().st_mode) == 0o640
+    with pytest.raises(RuntimeError), atomic_file(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert target.read_text() == "{}" and sorted(p.name for p in target.parent.iterdir()) == ["plan.json"]

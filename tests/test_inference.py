@@ -574,3 +574,44 @@ def test_cli_predict_fill_nonfinite(tmp_path):
     r = CliRunner().invoke(app, [*args, "--fill-nonfinite"])
     assert r.exit_code == 0, r.output
     assert read_image(tmp_path / "out" / "c.tif")[0].shape == (1, 20, 16)
+
+
+def test_a_rerun_skips_finished_cases_unless_settings_change_or_overwrite(tmp_path):
+    model = _model_dir(tmp_path, 2)
+    pred = Predictor.load(model, precision="fp32")
+    imgs, out = tmp_path / "imgs", tmp_path / "out"
+    rng = np.random.default_rng(5)
+    for i in range(3):
+        write_image(imgs / f"c{i}.png", (rng.random((1, 20, 24)) * 255).astype(np.uint8))
+    written = pred.predict(imgs, out, progress=False, tta="none")
+    assert written == [out / f"c{i}.png" for i in range(3)] and pred.last_run["predicted"] == 3
+    stamps = {p.name: p.stat().st_mtime_ns for p in written}
+    (out / "c1.png").unlink()  # a run stopped before this case
+    assert pred.predict(imgs, out, progress=False, tta="none") == written
+    assert pred.last_run == {"cases": 3, "predicted": 1, "skipped": 2, "workers": 1}
+    assert all((out / n).stat().st_mtime_ns == stamps[n] for n in ("c0.png", "c2.png"))
+    pred.predict(imgs, out, progress=False, tta="flip")  # other settings: nothing is reused
+    assert pred.last_run["predicted"] == 3
+    pred.predict(imgs, out, progress=False, tta="flip", overwrite=True)
+    assert pred.last_run["predicted"] == 3
+    # a Predictor built by hand has no settings to compare: it always predicts
+    manual = Predictor(pred.plan, pred.members, pred.device, pred.precision, model)
+    manual.predict(imgs, out, progress=False, tta="flip")
+    assert manual.last_run["skipped"] == 0
+    with pytest.raises(InputError, match="Predictor.load"):
+        manual.predict(imgs, tmp_path / "o2", progress=False, workers=2)
+    assert not (tmp_path / "o2").exists()  # refused before anything is written
+
+
+def test_worker_processes_write_the_same_labels(tmp_path):
+    model = _model_dir(tmp_path, 2)
+    pred = Predictor.load(model, precision="fp32")
+    imgs = tmp_path / "imgs"
+    rng = np.random.default_rng(6)
+    for i in range(3):
+        write_image(imgs / f"c{i}.png", (rng.random((1, 20, 24)) * 255).astype(np.uint8))
+    one = pred.predict(imgs, tmp_path / "one", progress=False)
+    two = pred.predict(imgs, tmp_path / "two", progress=False, workers=2)
+    assert pred.last_run["workers"] == 2
+    for a, b in zip(one, two, strict=True):
+        np.testing.assert_array_equal(read_image(a)[0], read_image(b)[0])

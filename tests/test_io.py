@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -528,3 +529,199 @@ def test_nonpositive_or_nonfinite_spacing_is_refused(tmp_path):
         b"ElementDataFile = LOCAL\n" + bytes(8))
     with pytest.raises(InputError, match=r"zero.mha: voxel spacing \(1.0, 0.0, 1.0\)"):
         read_label(tmp_path / "zero.mha")
+
+
+# --------------------------------------------------------------------------- declared data must be there
+
+
+def _nifti_header(shape: tuple[int, ...], datatype: int = 2, bitpix: int = 8) -> bytes:
+    """A NIfTI-1 header (352 bytes, data offset 352) declaring ``shape``, without voxel data."""
+    import struct
+
+    raw = bytearray(nib.Nifti1Image(np.zeros((2, 2, 2), np.uint8), np.eye(4)).to_bytes()[:352])
+    struct.pack_into("<8h", raw, 40, len(shape), *shape, *([1] * (7 - len(shape))))
+    struct.pack_into("<hh", raw, 70, datatype, bitpix)
+    return bytes(raw)
+
+
+def _python_peak(call) -> tuple[BaseException | None, int]:
+    """The exception ``call()`` raised (or None) and the peak of Python/numpy allocations meanwhile."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        call()
+        error = None
+    except Exception as exc:
+        error = exc
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return error, peak
+
+
+def test_nifti_declaring_more_data_than_it_holds_is_refused_before_allocating(tmp_path: Path) -> None:
+    """Issue 17: a 53-byte .nii.gz declaring 600^3 voxels made nibabel fill a 216 MB buffer first."""
+    import gzip
+
+    small = tmp_path / "bomb.nii.gz"
+    small.write_bytes(gzip.compress(_nifti_header((600, 600, 600))))
+    assert len(small.read_bytes()) < 120
+    error, peak = _python_peak(lambda: read_image(small))
+    assert isinstance(error, InputError) and peak < 8 * 2**20, (error, peak)
+    assert re.search(r"bomb.nii.gz: the header declares 216,000,352 bytes of voxel data but the file holds "
+                     r"\d+ compressed, at most [\d,]+ when decompressed \(truncated, or a damaged header\) — "
+                     r"re-export the image", str(error)), str(error)
+    raw = tmp_path / "short.nii"  # uncompressed: 600^3 float32 declared, 4 kB there
+    raw.write_bytes(_nifti_header((600, 600, 600), 16, 32) + bytes(4096))
+    error, peak = _python_peak(lambda: read_label(raw))
+    assert isinstance(error, InputError) and peak < 8 * 2**20, (error, peak)
+    assert ("short.nii: the header declares 864,000,000 bytes of voxel data but the file holds 4,096 after "
+            "the header") in str(error)
+    assert "\n" not in str(error)
+
+
+def test_large_compressed_nifti_is_counted_before_reading(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above TRUSTED_BYTES a gzip payload within deflate's ratio is decompressed once, keeping
+    nothing, to see that it is all there; complete files (several gzip members too) still read."""
+    import gzip
+
+    monkeypatch.setattr(io_image, "TRUSTED_BYTES", 1000)
+    noise = RNG.integers(0, 256, 40_000, dtype=np.uint8).tobytes()  # incompressible: within the ratio
+    (tmp_path / "short.nii.gz").write_bytes(gzip.compress(_nifti_header((64, 64, 64), 16, 32) + noise))
+    with pytest.raises(InputError, match=r"short.nii.gz: the header declares 1,048,928 bytes .* holds 40,352 "
+                                         r"when decompressed"):
+        read_image(tmp_path / "short.nii.gz")
+    vol = RNG.normal(size=(20, 30, 10)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "whole.nii"))
+    whole = (tmp_path / "whole.nii").read_bytes()
+    (tmp_path / "members.nii.gz").write_bytes(gzip.compress(whole[:5000]) + gzip.compress(whole[5000:]))
+    for name in ("members.nii.gz", "whole.nii"):
+        arr, _ = read_image(tmp_path / name)
+        np.testing.assert_array_equal(arr[0], vol)
+
+
+def test_itk_files_declaring_more_data_than_they_hold(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import zlib
+
+    head = "NRRD0004\ntype: float\ndimension: 3\nsizes: 600 600 600\nspacings: 1 1 1\nendian: little\n"
+    (tmp_path / "raw.nrrd").write_bytes(f"{head}encoding: raw\n\n".encode() + bytes(1024))
+    with pytest.raises(InputError, match=r"raw.nrrd: the header declares 864,000,000 bytes of voxel data but "
+                                         r"the file holds 1,024 \(truncated"):
+        read_image(tmp_path / "raw.nrrd")
+    (tmp_path / "text.nrrd").write_bytes(f"{head}encoding: ascii\n\n1 2 3 4\n".encode())
+    with pytest.raises(InputError, match=r"text.nrrd: the header declares 216,000,000 values but the text "
+                                         r"data holds at most 5"):
+        read_image(tmp_path / "text.nrrd")
+    mha = (b"ObjectType = Image\nNDims = 3\nDimSize = 600 600 600\nElementSpacing = 1 1 1\n"
+           b"ElementType = MET_FLOAT\nCompressedData = True\nElementDataFile = LOCAL\n")
+    (tmp_path / "deflated.mha").write_bytes(mha + zlib.compress(bytes(1 << 20)))
+    with pytest.raises(InputError, match=r"deflated.mha: the header declares 864,000,000 bytes .* at most "
+                                         r"[\d,]+ when decompressed"):
+        read_image(tmp_path / "deflated.mha")
+    monkeypatch.setattr(io_image, "TRUSTED_BYTES", 1000)  # within the ratio: counted by decompressing
+    small = mha.replace(b"600 600 600", b"64 64 64").replace(b"MET_FLOAT", b"MET_UCHAR")
+    noise = RNG.integers(0, 256, 10_000, np.uint8).tobytes()
+    (tmp_path / "counted.mha").write_bytes(small + zlib.compress(noise))
+    with pytest.raises(InputError, match=r"counted.mha: the header declares 262,144 bytes .* holds 10,000 "
+                                         r"when "
+                                         r"decompressed"):
+        read_image(tmp_path / "counted.mha")
+    (tmp_path / "detached.mhd").write_bytes(mha.replace(b"CompressedData = True\n", b"").replace(
+        b"LOCAL", b"detached.raw"))
+    with pytest.raises(InputError, match=r"detached.mhd: the data file 'detached.raw' named in the header is "
+                                         r"missing — keep the data file beside its header"):
+        read_image(tmp_path / "detached.mhd")
+    for suffix in (".nrrd", ".mha", ".mhd", ".nhdr"):  # complete files, compressed or not, still read
+        for compress in (False, True):
+            vol = RNG.integers(0, 255, (5, 6, 7)).astype(np.uint8)
+            sitk.WriteImage(sitk.GetImageFromArray(vol), str(tmp_path / f"ok{suffix}"),
+                            useCompression=compress)
+            np.testing.assert_array_equal(read_image(tmp_path / f"ok{suffix}")[0][0], vol.transpose(2, 1, 0))
+
+
+def test_tiff_declaring_more_than_its_strips_hold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tifffile allocates the whole series before reading a strip: 8x8 pixels whose tags say
+    20000x20000 are refused from the strip sizes."""
+    import struct
+
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "ok.tif", np.ones((8, 8), np.uint8))
+    raw = bytearray((tmp_path / "ok.tif").read_bytes())
+    ifd = struct.unpack_from("<I", raw, 4)[0]
+    for i in range(struct.unpack_from("<H", raw, ifd)[0]):
+        tag, typ = struct.unpack_from("<HH", raw, ifd + 2 + 12 * i)
+        if tag in (256, 257, 278):  # ImageWidth, ImageLength, RowsPerStrip
+            struct.pack_into("<H" if typ == 3 else "<I", raw, ifd + 10 + 12 * i, 20000)
+    (tmp_path / "big.tif").write_bytes(raw)
+    error, peak = _python_peak(lambda: read_image(tmp_path / "big.tif"))
+    assert isinstance(error, InputError) and peak < 8 * 2**20, (error, peak)
+    assert "big.tif: the header declares 400,000,000 bytes of voxel data but the file holds 64 (" in \
+        str(error)
+    monkeypatch.setattr(io_image, "TRUSTED_BYTES", 1000)  # stacks above it are checked, and pass
+    stack = RNG.integers(0, 255, (5, 40, 30), dtype=np.uint8)
+    for compression in (None, "zlib"):
+        tifffile.imwrite(tmp_path / "stack.tif", stack, compression=compression)
+        np.testing.assert_array_equal(read_image(tmp_path / "stack.tif")[0][0], stack)
+
+
+# --------------------------------------------------------------------------- DICOM series bounds
+
+
+def test_dicom_series_is_bounded_by_its_headers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files, voxels (Rows x Columns x frames x files), spacing and each slice's pixel bytes are
+    checked from the headers before GDCM reads a pixel."""
+    import pydicom
+
+    from conftest import write_dicom_series
+    from medunet.io import dicom as io_dicom
+    from medunet.io import read_dicom_series
+
+    vol = RNG.integers(0, 1000, (3, 8, 6)).astype(np.int16)
+    files = write_dicom_series(tmp_path / "ok", vol)
+    arr, geom = read_dicom_series(tmp_path / "ok")
+    np.testing.assert_array_equal(arr[0], vol.transpose(2, 1, 0))
+
+    monkeypatch.setattr(io_dicom, "MAX_DICOM_FILES", 2)
+    with pytest.raises(InputError, match=r"ok: the DICOM series has 3 files, more than 2 — give the folder "
+                                         r"of one"):
+        read_dicom_series(tmp_path / "ok")
+    monkeypatch.undo()
+    monkeypatch.setenv("MEDUNET_MAX_VOXELS", "143")  # 6 x 8 x 3 = 144 values
+    with pytest.raises(InputError, match=r"ok: image of shape \(1, 6, 8, 3\) holds 144 values, more than the "
+                                         r"limit of 143"):
+        read_dicom_series(tmp_path / "ok")
+    monkeypatch.delenv("MEDUNET_MAX_VOXELS")
+
+    def tampered(folder: str, index: int, n: int = 3, **fields) -> Path:
+        paths = write_dicom_series(tmp_path / folder, vol[:n])
+        ds = pydicom.dcmread(paths[index])
+        for key, value in fields.items():
+            setattr(ds, key, value)
+        ds.save_as(paths[index], enforce_file_format=True)
+        return paths[index]
+
+    tampered("big", 0, n=1, Rows=20000, Columns=20000)  # 400 M values (under the limit), 96 bytes there
+    error, peak = _python_peak(lambda: read_dicom_series(tmp_path / "big"))
+    assert isinstance(error, InputError) and peak < 8 * 2**20, (error, peak)
+    assert re.search(r"big/im000.dcm: the slice file holds [\d,]+ bytes but its header declares 800,000,000 "
+                     r"bytes of pixel data", str(error)), str(error)
+    tampered("huge", 0, Rows=40000, Columns=40000)
+    with pytest.raises(InputError, match=r"huge: image of shape \(1, 40000, 40000, 3\) holds 4,800,000,000 "
+                                         r"values"):
+        read_dicom_series(tmp_path / "huge")
+    cut = write_dicom_series(tmp_path / "cut", RNG.integers(0, 1000, (3, 64, 64)).astype(np.int16))[2]
+    ds = pydicom.dcmread(cut)
+    ds.PixelData = ds.PixelData[:4000]  # GDCM still lists it; the file is shorter than its 8,192 bytes
+    ds.save_as(cut, enforce_file_format=True)
+    with pytest.raises(InputError, match=r"cut/im002.dcm: the slice file holds [\d,]+ bytes but its header "
+                                         r"declares 8,192 bytes of pixel data \(truncated, or a damaged "
+                                         r"header\)"):
+        read_dicom_series(tmp_path / "cut")
+    tampered("flat", 0, PixelSpacing=[-1.0, 0.7])  # (GDCM itself reads 0 and NaN as 1)
+    with pytest.raises(InputError, match=r"flat: voxel spacing \(0.7, -1.0\) is not positive and finite "
+                                         r"— fix the pixel size in the header \(.*DICOM PixelSpacing\)"):
+        read_dicom_series(tmp_path / "flat")
+    assert files and geom.extra["n_files"] == 3

@@ -104,6 +104,23 @@ def test_plan_json_round_trip_and_override(tmp_path):
         Plan.load(path)
 
 
+def test_unknown_plan_keys_are_refused_with_the_closest_one(tmp_path):
+    make_synthetic_dataset(tmp_path / "d", n_train=2, n_test=0, shape=(32, 32))
+    plan = _plan(tmp_path / "d")
+    for key, close in [("training.patiense", "training.patience"), ("network.featurs", "network.features"),
+                       ("inference.overlapp", "inference.overlap"), ("patch_sise", "patch_size")]:
+        with pytest.raises(InputError, match=f"unknown plan field '{key}'") as err:
+            plan.override({key: 3})
+        assert f"did you mean '{close}'" in str(err.value)
+    # known settings a fresh plan does not write yet are accepted, nested ones created
+    changed = plan.override({"training.momentum": 0.9, "network.residual": True,
+                             "training.loss_options.ce_weight": 2.0})
+    assert changed.training["momentum"] == 0.9 and changed.network["residual"] is True
+    assert changed.training["loss_options"]["ce_weight"] == 2.0
+    with pytest.raises(InputError, match="holds a value"):
+        plan.override({"training.lr.x": 1})
+
+
 def test_geometry_affine_from_fields():
     g = Geometry(spacing=(2.0, 3.0), origin=(1.0, -1.0))
     np.testing.assert_allclose(g.affine_matrix, [[2, 0, 1], [0, 3, -1], [0, 0, 1]])

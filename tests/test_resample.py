@@ -213,3 +213,41 @@ def test_normalise_runs_after_resampling():
     plan.normalization = [{"scheme": "zscore", "nonzero_mask": True}]
     raw, _, _ = preprocess_case(img, (0.7, 0.9, 3.0), plan, normalise=False)
     assert 0.4 < (raw == 0).mean() < 0.6  # about the 51 % of zero voxels the case has
+
+
+def test_output_grid_above_the_voxel_limit_is_refused_before_allocating(monkeypatch):
+    """Issue 17: an 8^3 image whose header says 250 mm, resampled to 1 mm, asked for 2000^3
+    float32 voxels (32 GB). The grid is checked against the voxel limit first."""
+    import tracemalloc
+
+    from medunet.errors import InputError
+
+    image = np.random.default_rng(0).normal(size=(1, 8, 8, 8)).astype(np.float32)
+    tracemalloc.start()
+    with pytest.raises(InputError) as err:
+        resample_image(image, (250.0, 250.0, 250.0), (1.0, 1.0, 1.0))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2**20
+    assert str(err.value) == (
+        "resampling from spacing (250.0, 250.0, 250.0) to (1.0, 1.0, 1.0) would make a grid of "
+        "2000x2000x2000 (8,000,000,000 values), more than the limit of 1,073,741,824 — check the voxel "
+        "spacing in the image's header (a wrong unit or a typo is the usual cause), or raise the limit "
+        "(MEDUNET_MAX_VOXELS) on a machine with the memory")
+    assert err.value.exit_code == 2
+    with pytest.raises(InputError, match=r"grid of 2000x2000x2000 \(8,000,000,000 values\)"):
+        resample_label(np.zeros((8, 8, 8), np.uint8), (250.0,) * 3, (1.0,) * 3, mode="linear")
+    with pytest.raises(InputError, match=r"grid of 2000x2000x2000 \(8,000,000,000 values\)"):
+        resample_probabilities(np.full((2, 8, 8, 8), 0.5, np.float32), (2000, 2000, 2000))
+    with pytest.raises(InputError, match=r"grid of 2000x2000x2000 \(8,000,000,000 values\)"):
+        resample_array(image[0], (2000, 2000, 2000))
+    plan = _plan([1.0, 1.0, 1.0], {"resample": True})  # the pipeline the cache and the Predictor run
+    with pytest.raises(InputError, match="would make a grid of 2000x2000x2000"):
+        preprocess_case(image, [250.0, 250.0, 250.0], plan)
+    monkeypatch.setenv("MEDUNET_MAX_VOXELS", str(2 * 10 * 12 * 5 - 1))  # channels count too
+    with pytest.raises(InputError, match=r"grid of 10x12x5 x 2 channels \(1,200 values\), more than the "
+                                         r"limit of 1,199"):
+        resample_image(np.zeros((2, 5, 6, 5), np.float32), (1, 1, 1), (0.5, 0.5, 1))
+    monkeypatch.setenv("MEDUNET_MAX_VOXELS", str(2 * 10 * 12 * 5))
+    out = resample_image(np.zeros((2, 5, 6, 5), np.float32), (1, 1, 1), (0.5, 0.5, 1))
+    assert out.shape == (2, 10, 12, 5)

@@ -416,54 +416,6 @@ def test_training_on_cpu_flushes_denormals(tiny_data, tmp_path):
     assert torch.tensor([1e-40], dtype=torch.float32).item() == 0.0
 
 
-def _share_run(n_cases: int, case_seconds: float, monkeypatch, share: float = 0.15, n_min: int = 5):
-    """A stand-in run whose validation cases each cost ``case_seconds`` on a fake clock."""
-    from types import SimpleNamespace
-
-    from medunet.training import trainer
-
-    now = [0.0]
-    scored: list[int] = []
-
-    def counts(run, i):
-        now[0] += case_seconds
-        scored.append(i)
-        return np.array([[0, 2.0], [0, 1.0], [0, 1.0]])  # tp 2, fp 1, fn 1 -> Dice 2/3
-
-    monkeypatch.setattr(trainer, "_clock", lambda: now[0])
-    monkeypatch.setattr(trainer, "_dice_counts", counts)
-    plan = SimpleNamespace(num_classes=2, training={"val_time_share": share, "val_min_cases": n_min})
-    run = SimpleNamespace(plan=plan, val_images=[None] * n_cases, step_seconds=0.1, ipe=100,
-                          state=trainer.RunState(), val_order=list(range(n_cases))[::-1])
-    return trainer, run, scored
-
-
-def test_validation_subset_stays_within_its_share(monkeypatch):
-    # an epoch trains 100 x 0.1 s = 10 s; 15 % of it is 1.5 s; a case costs 0.1 s
-    trainer, run, scored = _share_run(200, 0.1, monkeypatch)
-    dice, n = trainer._validate_share(run)
-    assert dice == pytest.approx([2 / 3]) and n == run.state.val_cases
-    assert n == 15 and run.state.val_every == 1  # stops once 1.5 s are spent
-    assert scored == list(range(199, 184, -1))  # in the run's fixed (seeded) order
-    scored.clear()
-    trainer._validate_share(run)  # later epochs: the same cases, so their scores compare
-    assert scored == list(range(199, 184, -1))
-
-
-def test_validation_of_few_slow_cases_runs_every_few_epochs(monkeypatch):
-    # 5 cases (the minimum) cost 5 s against a 1.5 s share: validate every 4th epoch
-    trainer, run, _ = _share_run(40, 1.0, monkeypatch)
-    _, n = trainer._validate_share(run)
-    assert n == 5 and run.state.val_every == 4
-
-
-def test_small_validation_sets_are_scored_whole(monkeypatch):
-    # DRIVE-like: 4 validation images, cheap next to training -> every case, every epoch
-    trainer, run, scored = _share_run(4, 0.2, monkeypatch)
-    _, n = trainer._validate_share(run)
-    assert n == 4 and run.state.val_every == 1 and sorted(scored) == [0, 1, 2, 3]
-
-
 def test_subset_validation_logs_share_and_chooses_on_the_full_set(tmp_path):
     data = make_synthetic_dataset(tmp_path / "d", n_train=30, n_test=0, shape=(32, 32), seed=4)
     model = tmp_path / "m"

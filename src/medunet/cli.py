@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -80,7 +81,7 @@ def plan(
     """Check a dataset and show the plan (patch, batch, network, normalisation) with reasons."""
     from rich.table import Table
 
-    from medunet.training.trainer import prepare_plan
+    from medunet.planning import prepare_plan
 
     dataset, p = prepare_plan(data, preset, parse_overrides(set_, plan_file),
                               **plan_options(config, ct_window, window))
@@ -115,6 +116,24 @@ def plan(
         out.print(f"wrote {path}")
 
 
+def _torchrun(nproc: int) -> int:
+    """This ``medunet train`` command again, as ``nproc`` processes under torch's elastic
+    launcher (torchrun) on this machine; returns its exit code."""
+    import subprocess
+
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            args.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "medunet", *args]
+    return subprocess.call(cmd)
+
+
 @app.command()
 def train(
     data: Path = typer.Argument(..., help="dataset folder"),
@@ -147,12 +166,18 @@ def train(
     plan_file: list[Path] | None = typer.Option(None, "--plan", help="JSON or YAML file of plan overrides"),
     report: bool = typer.Option(True, "--report/--no-report",
                                 help="score the validation cases and write validation/report.html"),
+    nproc: int = typer.Option(1, help="data-parallel processes (torch.distributed: Gloo on a CPU, NCCL "
+                              "on GPUs); the same as torchrun --nproc-per-node N -m medunet train ..."),
     quiet: bool = typer.Option(False, help="no progress display"),
 ) -> None:
     """Train a U-Net on DATA and write a self-describing model directory."""
     from medunet.training import train as run_train
     from medunet.training.trainer import train_folds
 
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        raise typer.Exit(_torchrun(nproc))
+    if nproc < 1:
+        raise InputError(f"--nproc {nproc} is not a positive number", fix="use 1 or more")
     overrides = parse_overrides(set_, plan_file)
     shortcuts = {"loss": loss, "optimizer": optimizer, "schedule": schedule, "lr": lr, "ema": ema,
                  "patience": patience}
@@ -207,6 +232,10 @@ def predict(
                                         "(default: refuse such images)"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N (torch backend)"),
     precision: str = typer.Option("auto", help="auto, fp32, bf16, fp16 (torch backend)"),
+    workers: int | None = typer.Option(None, help="processes predicting side by side (default: one per "
+                                       "visible GPU on CUDA, else 1); on a CPU they share the cores"),
+    overwrite: bool = typer.Option(False, help="redo cases a previous run into OUTPUT already finished "
+                                   "with the same models and settings (default: skip them)"),
     quiet: bool = typer.Option(False, help="no progress display"),
 ) -> None:
     """Segment images with trained models (sliding window, Gaussian-weighted; TTA, ensembles)."""
@@ -214,17 +243,25 @@ def predict(
 
     from medunet.inference import Predictor
 
-    predictor = Predictor.load([model, *(extra_models or [])], checkpoint=checkpoint, device=device,
-                               precision=precision, backend=backend, int8=int8, overlap=overlap,
-                               postprocess=postprocess, calibration=calibration)
+    models = [model, *(extra_models or [])]
+    if backend == "onnx":  # export first where there is no up-to-date export
+        from medunet.export import ensure_onnx_all
+
+        ensure_onnx_all(models, checkpoint, int8, calibration)
+    predictor = Predictor.load(models, checkpoint=checkpoint, device=device, precision=precision,
+                               backend=backend, int8=int8, overlap=overlap, postprocess=postprocess)
     t0 = time.perf_counter()
-    written = predictor.predict(inputs, output, save_probabilities=save_probabilities,
-                                progress=not quiet, tta=tta, overlay=overlay, dicom_seg=dicom_seg,
-                                fill_nonfinite_values=fill_nonfinite)
+    predictor.predict(inputs, output, save_probabilities=save_probabilities, progress=not quiet, tta=tta,
+                      overlay=overlay, dicom_seg=dicom_seg, fill_nonfinite_values=fill_nonfinite,
+                      workers=workers, overwrite=overwrite)
     dt = time.perf_counter() - t0
     n = len(predictor.members)
-    out.print(f"wrote {len(written)} label map(s) to {output} ({dt / max(1, len(written)):.2f}s per case; "
-              f"{n} model{'s' if n > 1 else ''}, {backend} {predictor.precision}, tta {tta})")
+    run = predictor.last_run
+    skipped = (f"; {run['skipped']} finished earlier, skipped (--overwrite redoes them)"
+               if run["skipped"] else "")
+    per_case = dt / max(1, run["predicted"])
+    out.print(f"wrote {run['predicted']} label map(s) to {output} ({per_case:.2f}s per case; "
+              f"{n} model{'s' if n > 1 else ''}, {backend} {predictor.precision}, tta {tta}{skipped})")
 
 
 @app.command()
@@ -296,6 +333,7 @@ def distill(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
     precision: str = typer.Option("auto", help="auto, fp32, bf16, fp16"),
     seed: int = typer.Option(0, help="random seed (sampling, augmentation, initialisation)"),
+    resume: bool = typer.Option(False, help="continue (or extend) the distillation in the student directory"),
     quiet: bool = typer.Option(False, help="no progress display"),
 ) -> None:
     """Shrink a trained model: a thinner student, pruned from TEACHER and distilled on its outputs."""
@@ -303,7 +341,7 @@ def distill(
 
     r = run_distill(teacher, output, data, width=width, epochs=epochs, time_budget=time_budget,
                     temperature=temperature, alpha=alpha, init=init, device=device, precision=precision,
-                    seed=seed, progress=not quiet)
+                    seed=seed, progress=not quiet, resume=resume)
     out.print(f"student ({r.student_params:,} parameters, {r.student_params / r.teacher_params:.0%} of the "
               f"teacher's, init {r.init_used}): validation Dice {r.student_dice:.4f} vs teacher "
               f"{r.teacher_dice:.4f}; {r.student_seconds_per_image:.3f} vs {r.teacher_seconds_per_image:.3f} "
@@ -321,7 +359,7 @@ def augment_preview(
     plan_file: list[Path] | None = typer.Option(None, "--plan", help="JSON or YAML file of plan overrides"),
 ) -> None:
     """Draw a grid of augmented training patches with their labels: what the network sees."""
-    from medunet.augment import augment_preview as draw
+    from medunet.training.preview import augment_preview as draw
 
     path = draw(data, output, n=n, seed=seed, overrides=parse_overrides(set_, plan_file))
     out.print(f"wrote {path}")
@@ -370,13 +408,30 @@ def serve(
     queue_size: int = typer.Option(8, help="requests that may wait for a worker (503 beyond them)"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
     precision: str = typer.Option("auto", help="auto, fp32, bf16, fp16"),
+    upload_timeout: float = typer.Option(120, help="seconds a client may take to send an upload (408 after)"),
+    job_timeout: float = typer.Option(600, help="seconds from a received upload to the answer (504 after)"),
+    tmp_dir: Path | None = typer.Option(None, help="folder for the uploads being processed (default: the "
+                                                    "system's); stale ones left by a crash are removed"),
+    token: str | None = typer.Option(None, help="require 'Authorization: Bearer TOKEN' on the API; the page "
+                                                "is opened as /?token=TOKEN"),
+    token_file: Path | None = typer.Option(None, help="read the token from this file's first line "
+                                                      "(other users cannot see it in 'ps')"),
+    max_voxels: int | None = typer.Option(None, help="largest image the server reads, in voxels x "
+                                                     "channels (422 above; default 1024^3)"),
 ) -> None:
     """Serve a web page and a REST API (docs at /docs) that segment uploaded images."""
     from medunet.serve import run
+    from medunet.serve.auth import read_token_file
 
-    out.print(f"serving {model} on http://{host}:{port}/ (API docs at /docs); Ctrl+C stops")
+    if token is not None and token_file is not None:
+        raise InputError("give --token or --token-file, not both")
+    if token_file is not None:
+        token = read_token_file(token_file)
+    page = f"http://{host}:{port}/" + ("?token=..." if token else "")
+    out.print(f"serving {model} on {page} (API docs at /docs); Ctrl+C stops")
     run(model, host=host, port=port, workers=workers, max_upload_mb=max_upload_mb,
-        queue_size=queue_size, device=device, precision=precision)
+        queue_size=queue_size, device=device, precision=precision, tmp_dir=tmp_dir,
+        upload_timeout=upload_timeout, job_timeout=job_timeout, token=token, max_voxels=max_voxels)
 
 
 def main() -> None:

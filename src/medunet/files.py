@@ -11,6 +11,7 @@ training run's checkpoints and run directory.
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -76,6 +77,27 @@ def publish(tmp: str | Path, path: str | Path, *, durable: bool = False) -> None
     os.replace(tmp, path)
     if durable:
         fsync_dir(Path(path).parent)
+
+
+@contextmanager
+def atomic_file(path: str | Path, *, durable: bool = False) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write into; when the block ends normally it is
+    published as ``path`` (:func:`publish`), when it raises it is removed. The one
+    write-then-rename step of every file medunet writes, so a kill never leaves half a file.
+
+        with atomic_file(model_dir / "plan.json") as tmp:
+            tmp.write_text(text)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        publish(tmp, path, durable=durable)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -72,6 +72,23 @@ def count_metrics(tp: int, fp: int, fn: int, tn: int) -> dict[str, float]:
     }
 
 
+def class_counts(pred: np.ndarray, ref: np.ndarray, n_classes: int) -> np.ndarray:
+    """``(3, n_classes)`` TP, FP and FN per class index of two index maps; summed over cases
+    they give the pooled Dice (:func:`pooled_dice`). Column 0 (background) stays zero."""
+    counts = np.zeros((3, n_classes))
+    for c in range(1, n_classes):
+        p, g = pred == c, ref == c
+        counts[:, c] = (np.count_nonzero(p & g), np.count_nonzero(p & ~g), np.count_nonzero(~p & g))
+    return counts
+
+
+def pooled_dice(counts: np.ndarray) -> list[float]:
+    """Dice per foreground class from summed :func:`class_counts` (1 where both are empty)."""
+    tp, fp, fn = counts
+    denom = 2 * tp + fp + fn
+    return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 1.0)[1:].tolist()
+
+
 def volume_metrics(n_gt: int, n_pred: int, spacing: Sequence[float]) -> dict[str, float]:
     """Volumes in physical units; the relative difference is 0 when both are empty."""
     voxel = float(np.prod(spacing)) if len(spacing) else 1.0

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from medunet.evaluation.result import EvaluationResult, _atomic_write_text, format_value
-from medunet.evaluation.runner import find_image
+from medunet.io import IMAGE_SUFFIXES
 
 GT_COLOUR = "#00e000"
 PRED_COLOUR = "#ff30ff"  # magenta: visible on red fundus photographs and grey MRI
@@ -47,6 +47,21 @@ img{max-width:100%;height:auto;border:1px solid #eee}
 
 
 # --------------------------------------------------------------------------- helpers
+def find_image(folder: Path | None, case: str) -> Path | None:
+    """The image of a case in an nnU-Net style folder (``CASE_0000.ext`` or ``CASE.ext``)."""
+    if folder is None:
+        return None
+    folder = Path(folder)
+    if folder.is_file():
+        return folder
+    for stem in (f"{case}_0000", case):
+        for suf in IMAGE_SUFFIXES:
+            cand = folder / f"{stem}{suf}"
+            if cand.is_file():
+                return cand
+    return None
+
+
 def _new_figure(w: float, h: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

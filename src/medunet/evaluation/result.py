@@ -16,8 +16,6 @@ import csv
 import io
 import json
 import math
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from medunet.evaluation.metrics import (
     count_metrics,
     is_nan,
 )
+from medunet.files import atomic_file
 
 # metrics with physical units: printed with fewer decimals
 _UNIT_METRICS = {"hd95", "hd", "assd", "vol_gt", "vol_pred", "volume_diff"}
@@ -55,16 +54,8 @@ def _clean(x: object) -> object:
 def _atomic_write_text(path: str | Path, text: str) -> Path:
     """Write next to the target and rename, so no half-written file is ever visible."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a unique name opened normally (not mkstemp) so the file gets the usual umask permissions
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
     return path
 
 

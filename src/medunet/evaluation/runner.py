@@ -89,21 +89,6 @@ def _file_for_case(folder: Path, case: str, suffixes: Sequence[str], what: str) 
     )
 
 
-def find_image(folder: Path | None, case: str) -> Path | None:
-    """The image of a case in an nnU-Net style folder (``CASE_0000.ext`` or ``CASE.ext``)."""
-    if folder is None:
-        return None
-    folder = Path(folder)
-    if folder.is_file():
-        return folder
-    for stem in (f"{case}_0000", case):
-        for suf in IMAGE_SUFFIXES:
-            cand = folder / f"{stem}{suf}"
-            if cand.is_file():
-                return cand
-    return None
-
-
 def _match(pred: Path, gt: Path) -> tuple[dict[str, tuple[Path, Path]], list[str]]:
     """Pairs ``{case: (pred file, gt file)}`` and the GT cases that have no prediction."""
     preds = _list_cases(pred, "prediction")

@@ -6,9 +6,11 @@ from medunet.export.exporters import (
     PadCropNet,
     default_export_path,
     ensure_onnx,
+    ensure_onnx_all,
     export_model,
 )
 
 __all__ = [
-    "EXPORT_FORMATS", "ExportResult", "PadCropNet", "default_export_path", "ensure_onnx", "export_model",
+    "EXPORT_FORMATS", "ExportResult", "PadCropNet", "default_export_path", "ensure_onnx", "ensure_onnx_all",
+    "export_model",
 ]

@@ -10,7 +10,6 @@ traced with and compared with PyTorch; the numbers go to ``MODEL/export/export_c
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
@@ -23,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from medunet.errors import InputError
-from medunet.files import publish
-from medunet.inference.predictor import checkpoint_path, load_network
+from medunet.files import atomic_file, publish
+from medunet.modeldir import current_onnx, export_path, load_network
 from medunet.planning import Plan
 
 EXPORT_FORMATS = ("onnx", "torchscript")
@@ -72,17 +71,7 @@ class ExportResult:
 def default_export_path(model_dir: str | Path, fmt: str = "onnx", int8: bool = False,
                         checkpoint: str = "best") -> Path:
     """``MODEL/export/model[_last][_int8].onnx`` or ``model[_last].torchscript.pt``."""
-    stem = "model" + ("" if checkpoint == "best" else f"_{checkpoint}")
-    if fmt == "onnx":
-        return Path(model_dir) / "export" / f"{stem}{'_int8' if int8 else ''}.onnx"
-    return Path(model_dir) / "export" / f"{stem}.torchscript.pt"
-
-
-def _tmp_beside(path: Path, suffix: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
+    return export_path(model_dir, fmt, int8, checkpoint)
 
 
 def _odd_shape(plan: Plan, batch: int = 2) -> tuple[int, ...]:
@@ -126,9 +115,8 @@ def _record_check(model_dir: Path, path: Path, entry: dict) -> None:
     except (OSError, ValueError):
         data = {}
     data[path.name] = entry
-    tmp = _tmp_beside(check_path, ".json")
-    tmp.write_text(json.dumps(data, indent=2))
-    publish(tmp, check_path)
+    with atomic_file(check_path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2))
 
 
 def _export_onnx(net: nn.Module, plan: Plan, path: Path) -> None:
@@ -137,8 +125,7 @@ def _export_onnx(net: nn.Module, plan: Plan, path: Path) -> None:
     wrapper = PadCropNet(net).eval()
     example = torch.zeros((1, plan.in_channels, *plan.patch_size))
     axes = {0: "batch", **{i + 2: f"size{i}" for i in range(plan.dim)}}
-    tmp = _tmp_beside(path, ".onnx")
-    try:
+    with atomic_file(path) as tmp:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer and deprecation warnings: the check below is the test
             torch.onnx.export(wrapper, (example,), str(tmp), dynamo=False, input_names=["image"],
@@ -151,9 +138,6 @@ def _export_onnx(net: nn.Module, plan: Plan, path: Path) -> None:
             entry = model.metadata_props.add()
             entry.key, entry.value = k, v
         onnx.save(model, str(tmp))
-        publish(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _quantize_int8(fp32: Path, path: Path, patches: list[np.ndarray]) -> None:
@@ -190,7 +174,7 @@ def _quantize_int8(fp32: Path, path: Path, patches: list[np.ndarray]) -> None:
         quantize_static(str(source), str(tmp), Reader(), quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
                         calibrate_method=CalibrationMethod.MinMax)
-        os.replace(tmp, path)
+        publish(tmp, path)
 
 
 def _onnx_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
@@ -224,17 +208,11 @@ def export_model(model_dir: str | Path, fmt: str = "onnx", *, int8: bool = False
     path.parent.mkdir(parents=True, exist_ok=True)
     patches: list[np.ndarray] = []
     if fmt == "torchscript":
-        tmp = _tmp_beside(path, ".pt")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                traced = torch.jit.trace(PadCropNet(net).eval(),
-                                         torch.zeros((1, plan.in_channels, *plan.patch_size)),
-                                         check_trace=False)
-                traced.save(str(tmp))
-            publish(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_file(path) as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(PadCropNet(net).eval(),
+                                     torch.zeros((1, plan.in_channels, *plan.patch_size)), check_trace=False)
+            traced.save(str(tmp))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             loaded = torch.jit.load(str(path))
@@ -263,9 +241,25 @@ def ensure_onnx(model_dir: str | Path, checkpoint: str = "best", int8: bool = Fa
                 calibration: str | Path | None = None) -> Path:
     """The default ONNX export of a model directory, (re-)exported when missing or older than
     its checkpoint."""
-    model_dir = Path(model_dir)
-    path = default_export_path(model_dir, "onnx", int8, checkpoint)
-    ckpt = checkpoint_path(model_dir, checkpoint)
-    if path.is_file() and path.stat().st_mtime >= ckpt.stat().st_mtime:
-        return path
+    current = current_onnx(model_dir, checkpoint, int8)
+    if current is not None:
+        return current
     return export_model(model_dir, "onnx", int8=int8, calibration=calibration, checkpoint=checkpoint).path
+
+
+def ensure_onnx_all(model_dirs: str | Path | list[str | Path], checkpoint: str = "best", int8: bool = False,
+                    calibration: str | Path | None = None) -> list[Path]:
+    """:func:`ensure_onnx` for every network ``Predictor.load(model_dirs, backend="onnx")``
+    will run: each fold of a cross-validation directory, both stages of a cascade."""
+    from medunet.inference import expand_model_dirs
+    from medunet.modeldir import is_cascade
+
+    given = [model_dirs] if isinstance(model_dirs, (str, Path)) else list(model_dirs)
+    dirs: list[Path] = []
+    for d in map(Path, given):
+        if is_cascade(d):
+            stages = Plan.load(d).cascade.get("stages") or {}
+            dirs += [d / stages.get(s, s) for s in ("lowres", "fullres") if (d / stages.get(s, s)).is_dir()]
+        else:
+            dirs += expand_model_dirs(d)
+    return [ensure_onnx(d, checkpoint, int8, calibration) for d in dirs]

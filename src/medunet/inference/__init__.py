@@ -1,6 +1,7 @@
 """Inference: sliding window, test-time augmentation, ensembles, post-processing, backends."""
 
 from medunet.inference.backends import OnnxBackend, TorchBackend
+from medunet.inference.network import sliding_window_inference
 from medunet.inference.postprocess import apply_postprocessing, choose_postprocessing
 from medunet.inference.predictor import (
     TTA_MODES,
@@ -10,7 +11,7 @@ from medunet.inference.predictor import (
     find_inputs,
     load_network,
 )
-from medunet.inference.sliding_window import gaussian_weights, sliding_window, sliding_window_inference
+from medunet.inference.sliding_window import gaussian_weights, sliding_window
 
 __all__ = [
     "TTA_MODES",

@@ -6,14 +6,12 @@ centre of the predicted foreground, drawn with the voxel spacing as aspect ratio
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from medunet.files import publish
+from medunet.files import atomic_file
 
 COLOURS = ["#ff00ff", "#00ff00", "#ffd700", "#00bfff", "#ff4500", "#7fff00", "#ff1493", "#1e90ff"]
 
@@ -78,13 +76,6 @@ def write_overlay(image: np.ndarray, labels: np.ndarray, path: str | Path, label
     if title:
         fig.suptitle(title, fontsize=10)
     FigureCanvasAgg(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         fig.savefig(tmp, dpi=90, bbox_inches="tight", format="png")
-        publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

@@ -10,11 +10,11 @@ the plain path, without copies.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,13 +22,14 @@ import numpy as np
 import torch
 
 from medunet.errors import InputError
-from medunet.files import publish
+from medunet.files import atomic_file
 from medunet.inference.backends import Backend, OnnxBackend, TorchBackend
 from medunet.inference.normalization import WindowNormalizer
 from medunet.inference.postprocess import apply_postprocessing, parse_postprocessing
 from medunet.inference.sliding_window import indices_to_labels, sliding_window
 from medunet.inference.tta import TTA_MODES, rotation_plane, tta_transforms, window_predictor
 from medunet.io import IMAGE_SUFFIXES, all_finite, read_image, split_suffix, write_image
+from medunet.modeldir import checkpoint_path, current_onnx, is_cascade, load_network
 from medunet.planning import Plan
 from medunet.preprocessing import normalize
 from medunet.preprocessing.crop import uncrop
@@ -45,7 +46,8 @@ from medunet.runtime import memory_format, resolve_device, resolve_precision
 
 __all__ = [
     "PREDICTIONS_MANIFEST", "TTA_MODES", "InputCase", "Member", "Predictor", "expand_model_dirs",
-    "fill_nonfinite", "find_dicom_cases", "find_inputs", "load_network",
+    "CascadePredictor", "fill_nonfinite", "find_dicom_cases", "find_inputs", "is_cascade", "load_network",
+    "prior_channels",
 ]
 BACKENDS = ("torch", "onnx")
 # lists, in an output folder, the files medunet's predict wrote there: only those may be overwritten
@@ -168,38 +170,6 @@ def expand_model_dirs(paths: str | Path | Sequence[str | Path]) -> list[Path]:
     return out
 
 
-def load_network(model_dir: str | Path, checkpoint: str = "best") -> tuple[Plan, torch.nn.Module, Path]:
-    """``plan.json`` and the network of ``checkpoint_{best|last}.pt`` (on the CPU, eval mode).
-
-    ``best`` falls back to ``last`` (a run too short to validate has only the last one).
-    """
-    model_dir = Path(model_dir)
-    plan = Plan.load(model_dir)
-    if plan.configuration == "cascade":
-        raise InputError("this is a cascade of two networks", model_dir,
-                         "use its stages, lowres/ and fullres/, one at a time (or Predictor.load for both)")
-    ckpt_path = checkpoint_path(model_dir, checkpoint)
-    try:
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputError(f"cannot load checkpoint ({exc})", ckpt_path) from exc
-    net = plan.build_network()
-    net.load_state_dict(state["ema_model"] if state.get("ema_model") else state["model"])
-    return plan, net.eval(), ckpt_path
-
-
-def checkpoint_path(model_dir: Path, checkpoint: str = "best") -> Path:
-    """The checkpoint file a model directory offers for ``best`` / ``last``."""
-    if checkpoint not in ("best", "last"):
-        raise InputError(f"unknown checkpoint '{checkpoint}'", fix="use best or last")
-    path = model_dir / f"checkpoint_{checkpoint}.pt"
-    if not path.is_file() and checkpoint == "best":
-        path = model_dir / "checkpoint_last.pt"
-    if not path.is_file():
-        raise InputError("no checkpoint found", model_dir, "train a model first with 'medunet train'")
-    return path
-
-
 class Predictor:
     """Load trained model directories and segment images.
 
@@ -241,15 +211,14 @@ class Predictor:
     @classmethod
     def load(cls, model_dir: str | Path | Sequence[str | Path], checkpoint: str = "best",
              device: str | None = None, precision: str | None = None, *, backend: str = "torch",
-             int8: bool = False, overlap: float | None = None, postprocess: str = "auto",
-             calibration: str | Path | None = None) -> Predictor:
+             int8: bool = False, overlap: float | None = None, postprocess: str = "auto") -> Predictor:
         """Load one model directory, several (an ensemble), or a directory of ``fold_*/`` models.
 
         Args:
-            backend: ``torch`` or ``onnx`` (ONNX Runtime on the CPU; exports the model into
-                ``MODEL/export/`` first when there is no up-to-date export).
-            int8: with ``onnx``, the statically quantised int8 model (calibrated on
-                ``calibration`` images, by default the model's validation inputs).
+            backend: ``torch`` or ``onnx`` (ONNX Runtime on the CPU, on the up-to-date export in
+                ``MODEL/export/``: :func:`medunet.export.ensure_onnx` makes it, as
+                ``medunet predict --backend onnx`` does).
+            int8: with ``onnx``, the statically quantised int8 model.
             overlap: sliding-window overlap (default: the plan's, 0.5).
             postprocess: ``auto`` (the choice stored in the first model's plan), ``none``, or
                 steps such as ``largest_component,1:fill_holes`` (see
@@ -260,11 +229,9 @@ class Predictor:
         if int8 and backend != "onnx":
             raise InputError("int8 needs the ONNX backend", fix="add --backend onnx")
         given = [model_dir] if isinstance(model_dir, (str, Path)) else list(model_dir)
-        from medunet.inference.cascade import CascadePredictor, is_cascade
-
         if cls is Predictor and len(given) == 1 and is_cascade(given[0]):
             return CascadePredictor.load(given[0], checkpoint, device, precision, backend=backend, int8=int8,
-                                         overlap=overlap, postprocess=postprocess, calibration=calibration)
+                                         overlap=overlap, postprocess=postprocess)
         dirs = expand_model_dirs(given)
         for d in dirs:
             if is_cascade(d):
@@ -278,11 +245,12 @@ class Predictor:
                 plan, net, _ = load_network(d, checkpoint)
                 members.append(Member(plan, TorchBackend(_prepare(net, dev, plan.dim), dev, prec), d))
             else:
-                from medunet.export import ensure_onnx
-
-                plan = Plan.load(d)
-                path = ensure_onnx(d, checkpoint=checkpoint, int8=int8, calibration=calibration)
-                members.append(Member(plan, OnnxBackend(path), d))
+                path = current_onnx(d, checkpoint, int8)
+                if path is None:
+                    raise InputError(f"no current {'int8 ' if int8 else ''}ONNX export of the {checkpoint} "
+                                     "checkpoint", d, f"run 'medunet export {d}{' --int8' if int8 else ''}' "
+                                     "first ('medunet predict --backend onnx' does it for you)")
+                members.append(Member(Plan.load(d), OnnxBackend(path), d))
         _check_compatible(members)
         primary = members[0].plan
         if postprocess == "auto":
@@ -291,7 +259,13 @@ class Predictor:
             choice = None
         else:
             choice = parse_postprocessing(postprocess, primary.label_values)
-        return cls(primary, members, dev, prec, dirs[0], overlap=overlap, postprocessing=choice)
+        pred = cls(primary, members, dev, prec, dirs[0], overlap=overlap, postprocessing=choice)
+        # how to load it again: worker processes of predict(workers=N) do, and a re-run into the
+        # same folder compares these settings before it skips finished cases
+        pred.load_spec = {"model_dir": [str(Path(g).resolve()) for g in given], "checkpoint": checkpoint,
+                          "device": device, "precision": precision, "backend": backend, "int8": int8,
+                          "overlap": overlap, "postprocess": postprocess}
+        return pred
 
     def _groups(self) -> list[tuple[Plan, list[Backend]]]:
         """Members that share patch size and normalisation run in one sliding-window pass."""
@@ -474,30 +448,123 @@ class Predictor:
 
     def predict(self, inputs: str | Path, out_dir: str | Path, save_probabilities: bool = False,
                 progress: bool = True, tta: str = "auto", overlay: bool = False,
-                dicom_seg: bool = True, fill_nonfinite_values: bool = False) -> list[Path]:
-        """Predict a file or a folder (of images, or of DICOM series); returns the written
-        label files. ``dicom_seg``: also write a DICOM-SEG for each DICOM series;
+                dicom_seg: bool = True, fill_nonfinite_values: bool = False, *,
+                workers: int | None = None, overwrite: bool = False) -> list[Path]:
+        """Predict a file or a folder (of images, or of DICOM series); returns the label files
+        of every case. ``dicom_seg``: also write a DICOM-SEG for each DICOM series;
         ``fill_nonfinite_values``: replace NaN/inf instead of refusing such images.
 
         ``out_dir`` must not be an input folder, and only files that an earlier ``predict``
         wrote there (listed in its ``.medunet-predictions.json``) are overwritten: anything
         else in the way (input images, ground truth) is refused before a case is predicted.
+        A re-run into the same folder with the same models and settings skips the cases whose
+        outputs are all there (a stopped run continues); ``overwrite`` redoes them.
+
+        ``workers``: processes predicting cases side by side (default: one per visible GPU on
+        CUDA, else 1). On a CPU each gets an equal share of the cores; they load the model the
+        way this Predictor was loaded (:meth:`load`).
         """
-        tta_transforms(self.resolve_tta(tta), self.plan.dim)  # a bad mode fails before any file is read
+        mode = self.resolve_tta(tta)
+        tta_transforms(mode, self.plan.dim)  # a bad mode fails before any file is read
+        n_workers = self._workers(workers)
         out_dir = Path(out_dir)
         cases = find_inputs(inputs, self.plan.in_channels)
         names = [_case_outputs(c, save_probabilities, overlay, dicom_seg) for c in cases]
-        _claim_outputs(out_dir, _input_folders(Path(inputs), cases), [n for ns in names for n in ns])
-        written = []
+        settings = self._settings(mode, save_probabilities, overlay, dicom_seg, fill_nonfinite_values)
+        key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest() if settings else None
+        manifest = _Manifest.claim(out_dir, _input_folders(Path(inputs), cases), names, key, overwrite)
+        todo = [(c, ns) for c, ns in zip(cases, names, strict=True) if not manifest.finished(ns)]
+        n_workers = min(n_workers, max(1, len(todo)))
+        self.last_run = {"cases": len(cases), "predicted": len(todo), "skipped": len(cases) - len(todo),
+                         "workers": n_workers}
+        args = (out_dir, save_probabilities, tta, overlay, dicom_seg, fill_nonfinite_values)
         from rich.progress import Progress
 
         with Progress(disable=not progress, transient=True) as bar:
-            task = bar.add_task("predicting", total=len(cases))
-            for case in cases:
-                written.append(self.predict_case(case, out_dir, save_probabilities, tta, overlay, dicom_seg,
-                                                 fill_nonfinite_values))
+            task = bar.add_task("predicting", total=len(cases), completed=len(cases) - len(todo))
+
+            def finished(ns: list[str]) -> None:
+                manifest.mark(ns)
                 bar.advance(task)
-        return written
+
+            if n_workers <= 1:
+                for case, ns in todo:
+                    self.predict_case(case, *args)
+                    finished(ns)
+            else:
+                _predict_in_workers(self, todo, args, n_workers, finished)
+        return [out_dir / ns[0] for ns in names]
+
+    def _settings(self, tta: str, *flags: bool) -> dict | None:
+        """What decides a prediction's content (models and their checkpoint times, TTA,
+        overlap, post-processing, output options); None for a Predictor not made by :meth:`load`,
+        whose earlier outputs are then never reused."""
+        spec = getattr(self, "load_spec", None)
+        if spec is None:
+            return None
+        models = []
+        for m in self.members:
+            if m.model_dir is not None:
+                try:
+                    stamp = checkpoint_path(m.model_dir, spec["checkpoint"]).stat().st_mtime
+                except (InputError, OSError):
+                    stamp = None
+                models.append([str(Path(m.model_dir).resolve()), stamp])
+        return {"models": models, "backend": spec["backend"], "int8": spec["int8"], "tta": tta,
+                "overlap": self.overlap, "postprocessing": self.postprocessing, "options": list(flags)}
+
+    def _workers(self, workers: int | None) -> int:
+        if workers is None:
+            workers = torch.cuda.device_count() if self.device.type == "cuda" else 1
+        if workers < 1:
+            raise InputError(f"--workers {workers} is not a positive number", fix="use 1 or more")
+        if workers > 1 and getattr(self, "load_spec", None) is None:
+            raise InputError("worker processes need a Predictor made by Predictor.load",
+                             fix="load it with Predictor.load, or predict with workers=1")
+        return workers
+
+
+def _predict_in_workers(predictor: Predictor, cases: list[tuple[InputCase, list[str]]], args: tuple,
+                        n_workers: int, advance: Callable[[list[str]], None]) -> None:
+    """Cases spread over ``n_workers`` spawned processes, each loading the model once: on a
+    CPU with ``cores / n_workers`` torch threads, on CUDA one visible GPU each. The first
+    failure stops the rest and is raised here."""
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    spec = dict(predictor.load_spec)
+    gpus = torch.cuda.device_count() if predictor.device.type == "cuda" else 0
+    threads = max(1, (os.cpu_count() or 1) // n_workers)
+    ctx = multiprocessing.get_context("spawn")  # a forked torch with live OpenMP threads can hang
+    with ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_worker_start,
+                             initargs=(spec, threads, gpus)) as pool:
+        pending = {pool.submit(_worker_case, case, args): ns for case, ns in cases}
+        waiting = set(pending)
+        while waiting:
+            finished, waiting = wait(waiting, return_when=FIRST_EXCEPTION)
+            for f in finished:
+                if f.exception() is not None:
+                    for p in waiting:
+                        p.cancel()
+                    raise f.exception()
+                advance(pending[f])
+
+
+_WORKER: dict = {}
+
+
+def _worker_start(spec: dict, threads: int, gpus: int) -> None:
+    import multiprocessing
+
+    torch.set_num_threads(threads)
+    if gpus:  # worker k of the pool takes GPU k (modulo the count)
+        ident = multiprocessing.current_process()._identity
+        spec = {**spec, "device": f"cuda:{(ident[0] - 1 if ident else 0) % gpus}"}
+    _WORKER["predictor"] = Predictor.load(spec.pop("model_dir"), **spec)
+
+
+def _worker_case(case: InputCase, args: tuple) -> Path:
+    return _WORKER["predictor"].predict_case(case, *args)
 
 
 def _label_name(case: InputCase) -> str:
@@ -530,36 +597,71 @@ def _input_folders(inputs: Path, cases: list[InputCase]) -> set[Path]:
     return folders
 
 
-def _claim_outputs(out_dir: Path, input_folders: set[Path], names: list[str]) -> None:
-    """Check that writing ``names`` into ``out_dir`` destroys nothing the user owns, then list
-    them in the folder's manifest (before any is written: a killed run can be re-run)."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError("output exists and is not a folder", out_dir, "choose another --output folder")
-    if out_dir.resolve() in input_folders:
-        raise InputError("output folder is an input folder", out_dir,
-                         "choose another --output folder: predictions would overwrite or mix with the images")
-    seen: set[str] = set()
-    for name in names:
-        if name in seen:
-            raise InputError(f"two inputs would both write {name}", out_dir,
-                             "rename one of the inputs (CASE.ext and CASE_0000.ext are the same case)")
-        seen.add(name)
-    manifest = out_dir / PREDICTIONS_MANIFEST
-    try:
-        previous = set(json.loads(manifest.read_text()).get("files", []))
-    except (OSError, ValueError, AttributeError):
-        previous = set()
-    for name in names:
-        target = out_dir / name
-        if name not in previous and (target.exists() or target.is_symlink()):
-            raise InputError("exists and was not written by medunet predict", target,
-                             "choose a new or empty --output folder (ground truth or images there would be "
-                             "overwritten)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".json", dir=out_dir)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"written_by": "medunet predict", "files": sorted(previous | seen)}, f, indent=1)
-    publish(tmp, manifest)
+@dataclass
+class _Manifest:
+    """An output folder's ``.medunet-predictions.json``: every file medunet's predict wrote there
+    (only those may be overwritten) and, per file, the settings that made it (a re-run with the
+    same models and settings skips cases whose outputs are all there)."""
+
+    path: Path
+    files: set[str]
+    made_with: dict[str, str]
+    key: str | None
+
+    @classmethod
+    def claim(cls, out_dir: Path, input_folders: set[Path], names: list[list[str]], key: str | None,
+              overwrite: bool) -> _Manifest:
+        """Check that writing ``names`` (per case) into ``out_dir`` destroys nothing the user
+        owns, then list them (before any is written: a killed run can be re-run); the cases
+        to redo lose their mark until they are written again."""
+        if out_dir.exists() and not out_dir.is_dir():
+            raise InputError("output exists and is not a folder", out_dir, "choose another --output folder")
+        if out_dir.resolve() in input_folders:
+            raise InputError("output folder is an input folder", out_dir,
+                             "choose another --output folder: predictions would overwrite or mix with the "
+                             "images")
+        seen: set[str] = set()
+        for name in (n for ns in names for n in ns):
+            if name in seen:
+                raise InputError(f"two inputs would both write {name}", out_dir,
+                                 "rename one of the inputs (CASE.ext and CASE_0000.ext are the same case)")
+            seen.add(name)
+        path = out_dir / PREDICTIONS_MANIFEST
+        try:
+            before = json.loads(path.read_text())
+            previous = set(before.get("files", []))
+            made_with = {k: v for k, v in dict(before.get("made_with", {})).items() if isinstance(v, str)}
+        except (OSError, ValueError, AttributeError, TypeError):
+            previous, made_with = set(), {}
+        for name in seen:
+            target = out_dir / name
+            if name not in previous and (target.exists() or target.is_symlink()):
+                raise InputError("exists and was not written by medunet predict", target,
+                                 "choose a new or empty --output folder (ground truth or images there would "
+                                 "be overwritten)")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        manifest = cls(path, previous | seen, made_with, key)
+        for ns in names:
+            if overwrite or not manifest.finished(ns):
+                for n in ns:
+                    manifest.made_with.pop(n, None)
+        manifest.write()
+        return manifest
+
+    def finished(self, names: list[str]) -> bool:
+        """Every output of a case is there and was made with these settings."""
+        return self.key is not None and all(
+            self.made_with.get(n) == self.key and (self.path.parent / n).is_file() for n in names)
+
+    def mark(self, names: list[str]) -> None:
+        if self.key is not None:
+            self.made_with.update(dict.fromkeys(names, self.key))
+            self.write()
+
+    def write(self) -> None:
+        with atomic_file(self.path) as tmp:
+            tmp.write_text(json.dumps({"written_by": "medunet predict", "files": sorted(self.files),
+                                       "made_with": self.made_with}, indent=1))
 
 
 def _check_compatible(members: list[Member]) -> None:
@@ -592,16 +694,88 @@ def _stored_postprocessing(path: Path) -> dict | None:
 
 
 def _save_npz(path: Path, probs: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez_compressed(tmp, probabilities=probs.astype(np.float32))
-        publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path) as tmp, tmp.open("wb") as f:  # a file object: savez adds no suffix
+        np.savez_compressed(f, probabilities=probs.astype(np.float32))
 
 
 def _prepare(net: torch.nn.Module, device: torch.device, dim: int) -> torch.nn.Module:
     net = net.to(device).eval()
     return net.to(memory_format=memory_format(dim))
+
+
+# --------------------------------------------------------------------------------------------
+# two-stage cascade (see medunet.training.cascade): a model directory holding ``lowres/``
+# (stage 1, trained at a coarse working resolution) and ``fullres/`` (stage 2, whose input is
+# the image plus one 0/1 map per foreground class of stage 1's prediction on the image's own
+# grid). Its plan.json is stage 1's plan with ``configuration: "cascade"`` and a ``cascade``
+# section saying which stages to use: the validation comparison at the end of training may
+# keep stage 1 alone. It lives here because Predictor.load returns it for such a directory.
+
+
+def prior_channels(indices: np.ndarray, num_classes: int) -> np.ndarray:
+    """``(K - 1, *S)`` float32 0/1 maps of classes 1..K-1 of a class-index map: stage 2's
+    extra input channels."""
+    idx = np.asarray(indices)
+    return np.stack([(idx == k) for k in range(1, num_classes)]).astype(np.float32)
+
+
+class CascadePredictor(Predictor):
+    """Stage 1 predicts on the image's grid; stage 2 sees the image plus that prediction.
+
+    Behaves like a :class:`Predictor` of stage 1's inputs (same channels, labels, TTA and
+    file handling); with ``use == "lowres"`` it is stage 1 alone.
+    """
+
+    def __init__(self, plan: Plan, lowres: Predictor, fullres: Predictor | None) -> None:
+        final = fullres or lowres
+        super().__init__(plan, final.members, final.device, final.precision, lowres.model_dir,
+                         overlap=final.overlap, postprocessing=final.postprocessing)
+        self.cascade_plan = plan
+        self.lowres, self.fullres = lowres, fullres
+
+    @classmethod
+    def load(cls, model_dir: str | Path, checkpoint: str = "best", device: str | None = None,
+             precision: str | None = None, *, backend: str = "torch", int8: bool = False,
+             overlap: float | None = None, postprocess: str = "auto") -> CascadePredictor:
+        """Load the stages ``plan.cascade`` names (same options as :meth:`Predictor.load`)."""
+        model_dir = Path(model_dir)
+        plan = Plan.load(model_dir)
+        stages = plan.cascade.get("stages") or {}
+        use = plan.cascade.get("use", "cascade")
+        opts = {"checkpoint": checkpoint, "device": device, "precision": precision, "backend": backend,
+                "int8": int8, "overlap": overlap}
+        for name in ("lowres",) + (("fullres",) if use == "cascade" else ()):
+            if not (model_dir / stages.get(name, name) / "plan.json").is_file():
+                raise InputError(f"the cascade's {name} stage is missing", model_dir / stages.get(name, name),
+                                 "train the cascade again (medunet train --config cascade)")
+        # stage 1 keeps its own post-processing when it feeds stage 2 (as when the priors were made)
+        lowres = Predictor.load(model_dir / stages.get("lowres", "lowres"),
+                                postprocess="auto" if use == "cascade" else postprocess, **opts)
+        fullres = None
+        if use == "cascade":
+            fullres = Predictor.load(model_dir / stages.get("fullres", "fullres"), postprocess=postprocess,
+                                     **opts)
+        return cls(plan, lowres, fullres)
+
+    def _with_prior(self, image: np.ndarray, tta: str, spacing: Sequence[float] | None) -> np.ndarray:
+        assert self.fullres is not None
+        idx, _ = self.lowres._predict_indices(image, tta, False, spacing)
+        if isinstance(idx, torch.Tensor):
+            idx = idx.numpy()
+        prior = prior_channels(idx, self.plan.num_classes)
+        return np.concatenate([np.asarray(image, dtype=np.float32), prior], axis=0)
+
+    def predict_array(self, image: np.ndarray, tta: str = "none", probabilities: bool = True,
+                      spacing: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Stage 2's post-processed labels (and probabilities) on the image's own grid."""
+        self._check_image(image)
+        if self.fullres is None:
+            return self.lowres.predict_array(image, tta, probabilities, spacing)
+        return self.fullres.predict_array(self._with_prior(image, tta, spacing), tta, probabilities, spacing)
+
+    def predict_probabilities(self, image: np.ndarray, tta: str = "none",
+                              spacing: Sequence[float] | None = None) -> torch.Tensor:
+        self._check_image(image)
+        if self.fullres is None:
+            return self.lowres.predict_probabilities(image, tta, spacing)
+        return self.fullres.predict_probabilities(self._with_prior(image, tta, spacing), tta, spacing)

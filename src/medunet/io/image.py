@@ -9,9 +9,12 @@ SimpleITK's (z, y, x) arrays are transposed to (x, y, z) for the same reason.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -30,6 +33,16 @@ IMAGE_SUFFIXES = NIFTI_SUFFIXES + NATURAL_SUFFIXES + TIFF_SUFFIXES + ITK_SUFFIXE
 # (a whole-body CT of 512 x 512 x 2000 is 0.5 G). Raise it by setting this variable or, for the
 # command line, the environment variable MEDUNET_MAX_VOXELS.
 MAX_VOXELS = 1024**3
+
+# Deflate (gzip, zlib: compressed NIfTI, NRRD, MHA, PNG) cannot expand data more than ~1032:1 (a
+# 258-byte match per 2 bits), so a header declaring more than that many times the bytes on disk
+# lies; the check costs one stat() and catches a 53-byte .nii.gz that declares 600**3 voxels.
+DEFLATE_RATIO = 1032
+# Readers allocate the declared size before they find out that the data is short (nibabel fills a
+# zeroed buffer of that size). A declared payload above this many bytes is first verified to be
+# there: raw data by the file's size, compressed data by a streaming pass that keeps nothing. Below
+# it, a lying header costs at most this much memory before the library's own error.
+TRUSTED_BYTES = 64 * 2**20
 
 
 def split_suffix(path: str | Path) -> tuple[str, str]:
@@ -97,7 +110,23 @@ def _read(path: Path, label: bool) -> tuple[np.ndarray, Geometry]:
         ) from exc
     if arr.size == 0 or 0 in arr.shape:
         raise InputError(f"image has no pixels (shape {arr.shape})", path)
-    return arr, geom
+    return _plain_values(arr, path), geom
+
+
+def _plain_values(arr: np.ndarray, path: Path) -> np.ndarray:
+    """Real numbers only: packed colour voxels (NIfTI RGB24/RGBA32) become channels, long
+    doubles float64; complex or other record types are refused here, not deep in a later step."""
+    if arr.dtype.names:  # (C, *S) of records: one channel per field, e.g. R, G, B
+        if arr.shape[0] != 1 or not all(arr.dtype[n].kind in "iuf" for n in arr.dtype.names):
+            raise InputError(f"voxels of type {arr.dtype} are not supported", path,
+                             "save the image with one number per voxel and channel")
+        return np.ascontiguousarray(np.stack([arr[0][n] for n in arr.dtype.names]))
+    if arr.dtype.kind not in "biuf":
+        raise InputError(f"voxels of type {arr.dtype} are not supported", path,
+                         "save the image with real (integer or floating-point) values")
+    if arr.dtype.kind == "f" and arr.dtype.itemsize > 8:
+        return arr.astype(np.float64)
+    return arr
 
 
 def all_finite(image: np.ndarray) -> bool:
@@ -122,6 +151,16 @@ def max_voxels() -> int:
     return value
 
 
+def set_max_voxels(limit: int) -> None:
+    """Set :data:`MAX_VOXELS` for this process (``medunet serve --max-voxels``): one option at
+    start-up, not a value every call site has to pass."""
+    global MAX_VOXELS
+    if isinstance(limit, bool) or int(limit) != limit or limit <= 0:
+        raise InputError(f"the voxel limit must be a positive whole number, not {limit!r}",
+                         fix="e.g. --max-voxels 500000000")
+    MAX_VOXELS = int(limit)
+
+
 def _check_header(path: Path, shape: tuple[int, ...], spacing: tuple[float, ...] = ()) -> None:
     """Refuse, from the header alone, a file too large to read (see :data:`MAX_VOXELS`) and a
     voxel spacing that is zero, negative or not a number (it would poison resampling)."""
@@ -135,7 +174,178 @@ def _check_header(path: Path, shape: tuple[int, ...], spacing: tuple[float, ...]
     sp = np.asarray(spacing, dtype=np.float64)
     if sp.size and not (np.isfinite(sp).all() and (sp > 0).all()):
         raise InputError(f"voxel spacing {tuple(sp.tolist())} is not positive and finite", path,
-                         "fix the pixel size in the header (NIfTI pixdim, NRRD/MHA spacing)")
+                         "fix the pixel size in the header (NIfTI pixdim, NRRD/MHA spacing, DICOM "
+                         "PixelSpacing)")
+
+
+def _short_data(path: Path, declared: int, held: str) -> InputError:
+    return InputError(f"the header declares {declared:,} bytes of voxel data but the file holds {held} "
+                      "(truncated, or a damaged header)", path,
+                      "re-export the image; if it opens elsewhere, check the header's size and data type")
+
+
+def _inflated_size(path: Path, offset: int, limit: int) -> int:
+    """How many bytes the deflate stream (gzip members or zlib) at ``offset`` of ``path``
+    expands to, counted up to ``limit`` without keeping them (a few MB of memory at any size).
+
+    Damaged or truncated data ends the count where it stops, as a reader would fail there.
+    """
+    total, buf = 0, b""
+    d = zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib header, detected
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while total < limit:
+            if not buf:
+                buf = f.read(1 << 20)
+                if not buf:
+                    break
+            try:
+                total += len(d.decompress(buf, 1 << 22))
+            except zlib.error:
+                break
+            if d.eof:  # one gzip member ended; another may follow (pigz, bgzip)
+                buf = d.unused_data
+                d = zlib.decompressobj(zlib.MAX_WBITS | 32)
+            else:
+                buf = d.unconsumed_tail
+    return total
+
+
+def _check_deflated(path: Path, offset: int, stored: int, declared: int) -> None:
+    """Compressed voxel data: refuse a declared size beyond deflate's best ratio at once, and
+    verify a large one (above :data:`TRUSTED_BYTES`) by decompressing it once, keeping nothing."""
+    if declared > stored * DEFLATE_RATIO + 4096:
+        raise _short_data(path, declared, f"{stored:,} compressed, at most {stored * DEFLATE_RATIO:,} "
+                                          "when decompressed")
+    if declared > TRUSTED_BYTES:
+        found = _inflated_size(path, offset, declared)
+        if found < declared:
+            raise _short_data(path, declared, f"{found:,} when decompressed")
+
+
+def _check_nifti_payload(path: Path, img) -> None:
+    """The voxel data the NIfTI header declares must be in the file before nibabel allocates it."""
+    offset = int(getattr(img.dataobj, "offset", img.header.get_data_offset()))  # where nibabel will read
+    declared = int(np.prod([int(d) for d in img.shape], dtype=object)) * img.header.get_data_dtype().itemsize
+    size = path.stat().st_size
+    if split_suffix(path)[1].lower() == ".nii":
+        if offset + declared > size:
+            raise _short_data(path, declared, f"{max(0, size - offset):,} after the header")
+        return
+    _check_deflated(path, 0, size, offset + declared)
+
+
+def _itk_component_bytes(pixel_id: int) -> int:
+    """Bytes per component of a SimpleITK pixel type ("vector of 16-bit signed integer": 2)."""
+    import SimpleITK as sitk
+
+    name = sitk.GetPixelIDValueAsString(pixel_id)
+    bits = re.search(r"(\d+)-bit", name)
+    size = int(bits.group(1)) // 8 if bits else 8
+    return size * (2 if name.startswith("complex") else 1)
+
+
+class _ItkLayout(NamedTuple):
+    """What an NRRD or MetaImage text header says about its voxel data."""
+
+    data: Path | None  # the file holding it; None when the header names a list or pattern of files
+    offset: int  # where the data starts in that file
+    encoding: str  # raw, deflate, text, hex or other
+    sizes: tuple[int, ...]  # the header's own sizes (empty when they do not parse as counts)
+    compressed_size: int | None  # MetaImage CompressedDataSize, when given
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    tokens = text.split()
+    return tuple(int(t) for t in tokens) if tokens and all(t.isdigit() for t in tokens) else ()
+
+
+def _itk_layout(path: Path) -> _ItkLayout | None:
+    """Parse the text header of an NRRD or MetaImage file (None: no header found in its first
+    64 kB). Its sizes are read here too: NrrdIO allocates by its own 64-bit reading of them,
+    which can differ from what ITK reports (a size of 2**32 reads as 0 there)."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    nrrd = head.startswith(b"NRRD")
+    fields: dict[str, str] = {}
+    end = None
+    pos = 0
+    for raw in head.splitlines(keepends=True):
+        pos += len(raw)
+        line = raw.decode("latin-1").strip()
+        if nrrd:
+            if not line:
+                end = pos
+                break
+            if line.startswith("#") or ":" not in line:
+                continue
+            key, _, value = line.partition(":")
+            fields[key.strip().lower().replace(" ", "")] = value.lstrip("=").strip()
+        else:
+            key, _, value = line.partition("=")
+            fields[key.strip().lower()] = value.strip()
+            if key.strip().lower() == "elementdatafile":
+                end = pos
+                break
+    name = fields.get("datafile" if nrrd else "elementdatafile")
+    if end is None and name is None:
+        return None
+    if nrrd:
+        enc = fields.get("encoding", "raw").lower()
+        encoding = {"raw": "raw", "gz": "deflate", "gzip": "deflate", "txt": "text", "text": "text",
+                    "ascii": "text", "hex": "hex"}.get(enc, "other")
+        skip = fields.get("byteskip", "0")
+        sizes = _counts(fields.get("sizes", ""))
+        packed = None
+    else:
+        encoding = "deflate" if fields.get("compresseddata", "false").lower() == "true" else "raw"
+        skip = fields.get("headersize", "0")
+        channels = _counts(fields.get("elementnumberofchannels", "1"))
+        sizes = _counts(fields.get("dimsize", "")) + (channels if channels else ())
+        packed_text = fields.get("compresseddatasize", "").strip()
+        packed = int(packed_text) if packed_text.lstrip("-").isdigit() else None
+    if name is None or name.upper() == "LOCAL":
+        data = path if end is not None else None
+        return _ItkLayout(data, end or 0, encoding, sizes, packed)
+    if name.upper().startswith("LIST") or "%" in name or len(name.split()) > 1:
+        return _ItkLayout(None, 0, encoding, sizes, packed)
+    offset = int(skip) if skip.lstrip("-").isdigit() and int(skip) > 0 and encoding == "raw" else 0
+    return _ItkLayout(path.parent / name, offset, encoding, sizes, packed)
+
+
+def _check_itk_payload(path: Path, values: int, component_bytes: int) -> None:
+    """The header's own sizes against the voxel limit, then the voxel data it declares against
+    its data file, before ITK allocates the image: exactly for raw data, by deflate's ratio
+    (and, above :data:`TRUSTED_BYTES`, a streaming count) for compressed data, two characters a
+    value for text."""
+    layout = _itk_layout(path)
+    if layout is None:
+        return
+    if layout.sizes:
+        _check_header(path, layout.sizes)
+        values = max(values, int(np.prod(layout.sizes, dtype=object)))
+    declared = values * component_bytes
+    if layout.data is None:
+        return
+    data, offset, encoding = layout.data, layout.offset, layout.encoding
+    if not data.is_file():
+        raise InputError(f"the data file '{data.name}' named in the header is missing", path,
+                         "keep the data file beside its header (or save the image as one .nrrd/.mha file)")
+    stored = max(0, data.stat().st_size - offset)
+    if layout.compressed_size is not None and not 0 <= layout.compressed_size <= stored:
+        raise InputError(f"the header declares {layout.compressed_size:,} bytes of compressed data but the "
+                         f"file holds {stored:,} (truncated, or a damaged header)", path,
+                         "re-export the image; if it opens elsewhere, check CompressedDataSize")
+    if encoding == "raw" and declared > stored:
+        raise _short_data(path, declared, f"{stored:,}")
+    if encoding == "deflate":
+        _check_deflated(data, offset, stored, declared)
+    if encoding == "text" and values > stored // 2 + 1:
+        raise InputError(f"the header declares {values:,} values but the text data holds at most "
+                         f"{stored // 2 + 1:,} (truncated, or a damaged header)", path,
+                         "re-export the image; if it opens elsewhere, check the header's sizes")
+    if encoding == "hex" and declared > stored // 2:
+        raise _short_data(path, declared, f"{stored // 2:,} (as hex)")
 
 
 def read_label(path: str | Path) -> tuple[np.ndarray, Geometry]:
@@ -173,6 +383,7 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
     img = nib.load(str(path))  # the header only: the data is read below, once it passed the checks
     zooms = tuple(float(z) for z in img.header.get_zooms())
     _check_header(path, img.shape, zooms[: min(len(img.shape), 3)])
+    _check_nifti_payload(path, img)
     data = np.asanyarray(img.dataobj)
     affine = np.asarray(img.affine, dtype=float)
     file_ndim = data.ndim
@@ -228,6 +439,10 @@ def _read_natural(path: Path, label: bool = False) -> tuple[np.ndarray, Geometry
 
     with Image.open(path) as im:  # lazy: the size is known before the pixels are decoded
         _check_header(path, (len(im.getbands()), im.size[1], im.size[0]))
+        if im.format == "JPEG":
+            _check_jpeg_size(path, len(im.getbands()), im.size)
+        elif im.format == "PNG":
+            _check_png_size(path)
         im.load()
         mode = im.mode
         if mode in ("P", "PA") and label:  # indexed label maps store class ids as indices
@@ -245,17 +460,112 @@ def _read_natural(path: Path, label: bool = False) -> tuple[np.ndarray, Geometry
     return _hw_to_chw(arr), Geometry.identity(2, fmt="natural")
 
 
+# A Huffman-coded JPEG spends at least one bit on every 8x8 block of its full-resolution
+# component, so a byte of file decodes to at most 8 x 64 pixels, 4 channels each. libjpeg fills
+# what a short stream lacks with grey instead of failing, so the size must be checked first.
+JPEG_RATIO = 2048
+
+
+def _jpeg_frame_marker(path: Path) -> int | None:
+    """The start-of-frame marker of a JPEG (0xFFC0-0xFFCF less DHT, JPG and DAC), found by walking
+    the segments before the scan; None when the walk does not reach one."""
+    with open(path, "rb") as f:
+        if f.read(2) != b"\xff\xd8":
+            return None
+        for _ in range(1000):
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0xFF or head[1] == 0xDA:
+                return None
+            if 0xC0 <= head[1] <= 0xCF and head[1] not in (0xC4, 0xC8, 0xCC):
+                return 0xFF00 | head[1]
+            f.seek(int.from_bytes(head[2:], "big") - 2, 1)
+    return None
+
+
+def _check_jpeg_size(path: Path, bands: int, size: tuple[int, int]) -> None:
+    """Refuse a JPEG whose frame header declares more pixels than its bytes can encode."""
+    values = bands * size[0] * size[1]
+    stored = path.stat().st_size
+    if values <= stored * JPEG_RATIO:
+        return
+    marker = _jpeg_frame_marker(path)
+    if marker is None or marker >= 0xFFC9:  # arithmetic coding: no such ceiling
+        return
+    raise InputError(f"the header declares {size[0]}x{size[1]} pixels, more than a JPEG of {stored:,} bytes "
+                     "can hold (truncated, or a damaged header)", path,
+                     "re-export the image; if it opens elsewhere, check its size fields")
+
+
+def _check_png_size(path: Path) -> None:
+    """Refuse a PNG whose IHDR declares more rows than its file can hold at deflate's best ratio:
+    Pillow ends a short stream without an error, the missing rows left as zeros."""
+    with open(path, "rb") as f:
+        head = f.read(29)
+    if len(head) < 29 or head[12:16] != b"IHDR":
+        return
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(head[25], 1)
+    raw = height * (1 + (width * channels * head[24] + 7) // 8)  # a filter byte leads every row
+    stored = path.stat().st_size
+    if raw > stored * DEFLATE_RATIO + 4096:
+        raise InputError(f"the header declares {width}x{height} pixels ({raw:,} bytes to decompress) but the "
+                         f"file holds {stored:,} bytes, at most {stored * DEFLATE_RATIO:,} decompressed "
+                         "(truncated, or a damaged header)", path,
+                         "re-export the image; if it opens elsewhere, check its size fields")
+
+
 def _read_tiff(path: Path) -> tuple[np.ndarray, Geometry]:
     import tifffile
 
     with tifffile.TiffFile(str(path)) as tif:
         _check_header(path, tif.series[0].shape)
+        _check_tiff_payload(path, tif)
         arr = tif.asarray()
     if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4)):
         return _hw_to_chw(arr), Geometry.identity(2, fmt="tiff")
     if arr.ndim == 3:  # a grey stack: treat pages as the first spatial axis
         return arr[None], Geometry.identity(3, fmt="tiff")
     raise InputError(f"TIFF with shape {arr.shape} is not supported", path)
+
+
+# How many bytes one stored byte of a TIFF strip or tile can decode to, by compression tag: none,
+# LZW (12-bit codes of strings up to 4 kB), PackBits (2 bytes for 128), deflate / Adobe deflate.
+# Other codes get a ceiling no real codec reaches on image data (ZSTD's best is ~44,000:1).
+_TIFF_RATIO = {1: 1, 5: 4096, 32773: 64, 8: DEFLATE_RATIO, 32946: DEFLATE_RATIO}
+_TIFF_OTHER_RATIO = 65536
+
+
+def _check_tiff_payload(path: Path, tif) -> None:
+    """Each page's own size against the voxel limit (a page's tags can disagree with the series
+    shape, and tifffile decodes a page at its own size), and, above :data:`TRUSTED_BYTES`, the
+    strips/tiles against what they must hold (tifffile allocates the whole series first)."""
+    series = tif.series[0]
+    pages = [p for p in series.pages if p is not None]
+    declared = int(np.prod([int(d) for d in series.shape], dtype=object)) * series.dtype.itemsize
+    page_bytes = 0
+    for page in pages:
+        shape = tuple(int(d) for d in getattr(page, "shape", ()))
+        _check_header(path, shape)
+        dtype = getattr(page, "dtype", None)
+        page_bytes += int(np.prod(shape, dtype=object)) * (dtype.itemsize if dtype is not None else 1)
+    declared = max(declared, page_bytes)
+    size = path.stat().st_size
+    stored, ratio = 0, 0
+    for page in pages:
+        offsets, counts = getattr(page, "dataoffsets", None), getattr(page, "databytecounts", None)
+        compression = int(getattr(getattr(page, "keyframe", page), "compression", 0))
+        if offsets is None or counts is None:
+            return
+        for o, c in zip(offsets, counts, strict=False):  # a strip is read into a buffer of its count
+            if int(o) + int(c) > size:
+                raise InputError(f"a strip or tile of {int(c):,} bytes at offset {int(o):,} runs past the "
+                                 f"end of the file ({size:,} bytes; truncated, or a damaged header)", path,
+                                 "re-export the image")
+        ratio = max(ratio, _TIFF_RATIO.get(compression, _TIFF_OTHER_RATIO))
+        stored += sum(int(c) for c in counts)
+    if declared > TRUSTED_BYTES and declared > stored * ratio:
+        held = f"{stored:,}" if ratio == 1 else f"{stored:,} compressed, at most {stored * ratio:,} decoded"
+        raise _short_data(path, declared, held)
 
 
 def _hw_to_chw(arr: np.ndarray) -> np.ndarray:
@@ -273,6 +583,8 @@ def _read_itk(path: Path) -> tuple[np.ndarray, Geometry]:
     reader.SetFileName(str(path))
     reader.ReadImageInformation()  # the header: size, components and spacing before any pixel
     _check_header(path, (reader.GetNumberOfComponents(), *reader.GetSize()), reader.GetSpacing())
+    values = int(np.prod([reader.GetNumberOfComponents(), *reader.GetSize()], dtype=object))
+    _check_itk_payload(path, values, _itk_component_bytes(reader.GetPixelIDValue()))
     img = reader.Execute()
     arr = sitk.GetArrayFromImage(img)  # (z, y, x[, c])
     nd = img.GetDimension()

@@ -8,5 +8,7 @@ from medunet.planning.plan import (
     make_plan,
     modality,
 )
+from medunet.planning.prepare import prepare_plan
 
-__all__ = ["CT_WINDOWS", "Plan", "fingerprint_dataset", "load_overrides", "make_plan", "modality"]
+__all__ = ["CT_WINDOWS", "Plan", "fingerprint_dataset", "load_overrides", "make_plan", "modality",
+           "prepare_plan"]

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -39,7 +37,7 @@ import numpy as np
 from medunet.augment import default_augmentation
 from medunet.datasets import Dataset, load_case
 from medunet.errors import InputError
-from medunet.files import publish
+from medunet.files import atomic_file
 from medunet.planning.scale import (
     case_scale,
     image_relative_scale,
@@ -149,11 +147,8 @@ class Plan:
     def save(self, path: str | Path) -> Path:
         """Write atomically: a crash never leaves a half-written plan.json."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".plan.", suffix=".json", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-        publish(tmp, path)  # the umask's mode, as open() would give
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2))
         return path
 
     @classmethod
@@ -182,21 +177,79 @@ class Plan:
                              "fix the 'network' fields (or --set network.*)") from exc
 
     def override(self, assignments: dict[str, object]) -> Plan:
-        """Set fields by dotted name (``patch_size``, ``training.lr``, ``network.features``)."""
+        """Set fields by dotted name (``patch_size``, ``training.lr``, ``network.features``).
+
+        A name the plan does not know (``training.patiense``) is an error naming the closest
+        known one: a silently stored typo would be ignored by every reader."""
         d = self.to_dict()
         for key, value in assignments.items():
+            _check_field(d, key)
             target = d
             parts = key.split(".")
             for p in parts[:-1]:
-                if p not in target or not isinstance(target[p], dict):
-                    raise InputError(f"unknown plan field '{key}'",
-                                     fix="see 'medunet plan DATA' for the fields")
+                if target.get(p) is None:  # an optional nested setting not written yet
+                    target[p] = {}
+                if not isinstance(target[p], dict):
+                    raise InputError(f"unknown plan field '{key}': '{p}' holds a value, not settings",
+                                     fix=f"set '{key.rsplit('.', 1)[0]}' itself")
                 target = target[p]
-            if parts[-1] not in target and len(parts) == 1:
-                raise InputError(f"unknown plan field '{key}'", fix="see 'medunet plan DATA' for the fields")
             target[parts[-1]] = value
             d.setdefault("reasons", {})[key] = "set by the user"
         return Plan.from_dict(d)
+
+
+# The settings each typed section of a plan may hold; the plan a planner writes holds a subset
+# (the others have defaults where they are read). Nested values (``training.augment``,
+# ``training.loss_options``) are checked by their own readers.
+TYPED_SECTIONS: dict[str, frozenset[str]] = {
+    "training": frozenset({
+        "augment", "ema", "ema_every", "epochs", "fg_oversample", "grad_clip", "iterations_per_epoch",
+        "loss", "loss_options", "lr", "min_delta", "min_lr", "momentum", "optimizer", "patience",
+        "patience_after", "poly_exponent", "schedule", "step_gamma", "step_milestones", "val_fraction",
+        "val_min_cases", "val_time_share", "warmup_fraction", "weight_decay"}),
+    "inference": frozenset({"overlap", "postprocessing", "sigma_scale", "tta"}),
+    "preprocessing": frozenset({"crop_nonzero", "image_order", "image_size", "label_mode", "resample",
+                                "separate_z"}),
+    "network": frozenset(),  # the network builder's arguments, see _section_keys
+}
+
+
+def _section_keys(section: str) -> frozenset[str]:
+    if section == "network":  # every argument of the U-Net builder, and the preset name
+        import inspect
+
+        from medunet.nets import UNet
+
+        names = set(inspect.signature(UNet.__init__).parameters) - {"self", "spatial_dims", "in_channels",
+                                                                     "out_channels"}
+        return frozenset(names | {"preset"})
+    return TYPED_SECTIONS[section]
+
+
+def _check_field(d: dict, key: str) -> None:
+    """Refuse a dotted plan field that does not exist, suggesting the closest one."""
+    import difflib
+
+    parts = key.split(".")
+    fix = "see 'medunet plan DATA' for the fields"
+    if parts[0] not in d:
+        close = difflib.get_close_matches(parts[0], [k for k in d if k != "reasons"], n=1)
+        raise InputError(f"unknown plan field '{key}'", fix=f"did you mean '{close[0]}'?" if close else fix)
+    if len(parts) == 1:
+        return
+    section = parts[0]
+    if section in TYPED_SECTIONS:
+        known = _section_keys(section) | set(d.get(section) or {})
+        if parts[1] not in known:
+            close = difflib.get_close_matches(parts[1], sorted(known), n=1)
+            raise InputError(f"unknown plan field '{key}'",
+                             fix=f"did you mean '{section}.{close[0]}'?" if close else fix)
+        return
+    target = d
+    for p in parts[:-1]:
+        if not isinstance(target, dict) or p not in target or not isinstance(target[p], dict):
+            raise InputError(f"unknown plan field '{key}'", fix=fix)
+        target = target[p]
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, object]:

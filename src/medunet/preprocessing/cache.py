@@ -20,7 +20,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ import numpy as np
 
 from medunet.datasets import Case, Dataset, load_case
 from medunet.errors import InputError
-from medunet.files import publish
+from medunet.files import atomic_file
 
 if TYPE_CHECKING:
     from medunet.planning import Plan
@@ -87,14 +86,8 @@ def _paths(cache_dir: Path, case_id: str) -> tuple[Path, Path, Path]:
 
 
 def _atomic_write(path: Path, write: Callable[[object], None], binary: bool = True) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, tmp.open("wb" if binary else "w") as f:
+        write(f)
 
 
 def _cached(case: Case, cache_dir: Path, expected: dict) -> CachedCase | None:

@@ -22,19 +22,29 @@ spline resampling of numpy arrays). Linear interpolation goes through
 ``torch.nn.functional.interpolate`` (multi-threaded, identical numbers to ``zoom(order=1)``),
 nearest neighbour through index arrays (exact, keeps the dtype). Channels and classes are
 resampled one at a time to bound memory.
+
+Size: every entry point checks the output grid against the readers' voxel limit
+(:func:`medunet.io.image.max_voxels`) before allocating anything, so a wrong spacing in a
+header (an 8^3 image at 250 mm resampled to 1 mm is a 2000^3 grid, 32 GB as float32) is
+refused with a one-line :class:`~medunet.errors.InputError` instead of exhausting memory.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import scipy.ndimage as ndi
 import torch
 import torch.nn.functional as F
 
-__all__ = ["resample_array", "resample_image", "resample_label", "resample_probabilities",
-           "target_shape"]
+from medunet.errors import InputError
+from medunet.io.image import max_voxels
+
+__all__ = ["check_output_size", "resample_array", "resample_image", "resample_label",
+           "resample_probabilities", "target_shape"]
 
 _SPLINE_PAD = 12  # edge padding before the IIR prefilter, as scipy pads for mode="nearest"
 
@@ -46,6 +56,27 @@ def target_shape(shape: Sequence[int], spacing_from: Sequence[float],
         raise ValueError(f"shape {tuple(shape)} and spacings {tuple(spacing_from)}, "
                          f"{tuple(spacing_to)} differ in length")
     return [max(1, round(n * a / b)) for n, a, b in zip(shape, spacing_from, spacing_to, strict=True)]
+
+
+def check_output_size(shape: Sequence[int], channels: int = 1, spacing_from: Sequence[float] | None = None,
+                      spacing_to: Sequence[float] | None = None, path: str | Path | None = None) -> None:
+    """Refuse an output grid of more than the voxel limit (channels x voxels), before anything
+    is allocated: the readers bound what a file may hold, and this bounds what resampling it
+    may make (a header spacing off by a factor of 250 would ask for 250^3 times the memory)."""
+    n = int(channels) * math.prod(int(d) for d in shape)
+    limit = max_voxels()
+    if n <= limit:
+        return
+    grid = "x".join(str(int(d)) for d in shape)
+    frm = ""
+    if spacing_from is not None and spacing_to is not None:
+        frm = (f" from spacing {tuple(round(float(v), 6) for v in spacing_from)} to "
+               f"{tuple(round(float(v), 6) for v in spacing_to)}")
+    per = f" x {int(channels)} channels" if int(channels) > 1 else ""
+    raise InputError(f"resampling{frm} would make a grid of {grid}{per} ({n:,} values), more than the "
+                     f"limit of {limit:,}", path,
+                     "check the voxel spacing in the image's header (a wrong unit or a typo is the usual "
+                     "cause), or raise the limit (MEDUNET_MAX_VOXELS) on a machine with the memory")
 
 
 def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
@@ -113,6 +144,7 @@ def resample_array(x: np.ndarray, shape: Sequence[int], order: int = 3, separate
         raise ValueError(f"target shape {shape} does not match an array of shape {x.shape}")
     if list(x.shape) == shape:
         return x if order == 0 else x.astype(np.float32, copy=False)
+    check_output_size(shape)
     if separate_z is not None and order != order_z and x.ndim > 1:
         z = separate_z % x.ndim
         inplane = list(shape)
@@ -145,6 +177,7 @@ def resample_image(image: np.ndarray, spacing_from: Sequence[float] | None,
     values everywhere, which breaks "voxels != 0" masks such as masked z-scoring.
     """
     out_shape = _out_shape(image.shape[1:], spacing_from, spacing_to, shape)
+    check_output_size(out_shape, image.shape[0], spacing_from, spacing_to)
     out = np.empty((image.shape[0], *out_shape), dtype=np.float32)
     for c in range(image.shape[0]):
         out[c] = resample_array(image[c].astype(np.float32, copy=False), out_shape, order,
@@ -167,6 +200,7 @@ def resample_label(label: np.ndarray, spacing_from: Sequence[float] | None,
     if mode not in ("nearest", "linear"):
         raise ValueError(f"unknown label mode '{mode}' (use nearest or linear)")
     out_shape = _out_shape(label.shape, spacing_from, spacing_to, shape)
+    check_output_size(out_shape, 1, spacing_from, spacing_to)
     k = int(num_classes) if num_classes is not None else int(label.max(initial=0)) + 1
     dtype = np.uint8 if k <= 256 else np.uint16
     if mode == "nearest":
@@ -191,6 +225,7 @@ def resample_probabilities(probs: np.ndarray | torch.Tensor, shape: Sequence[int
     Linear interpolation of probabilities that sum to one keeps them summing to one.
     """
     probs = probs.numpy() if isinstance(probs, torch.Tensor) else probs
+    check_output_size(shape)  # the grid: K x the input's own size is the caller's choice
     out = np.empty((probs.shape[0], *shape), dtype=np.float32)
     for c in range(probs.shape[0]):
         out[c] = resample_array(probs[c], shape, order=1, separate_z=separate_z)

@@ -4,7 +4,10 @@ The model is loaded once. Each request takes a slot in a :class:`JobGate` (runni
 waiting jobs are bounded, so a burst cannot exhaust memory or disk: over the bound the answer
 is 503 with ``Retry-After``), streams its upload into a fresh temporary directory, and hands
 the heavy work to a small thread pool. The directory is removed when the job ends, whatever
-happened.
+happened. A slot is never held for ever: the upload must arrive within ``upload_timeout``
+seconds (408, so slow senders cannot lock everyone out) and the job must finish within
+``job_timeout`` seconds (504; the worker thread stops at its next window, see
+:mod:`medunet.serve.deadline`). With a ``token``, the API and the page need it (401 without).
 """
 
 from __future__ import annotations
@@ -14,21 +17,24 @@ import json
 import logging
 import math
 import shutil
-import tempfile
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi import Depends, FastAPI, HTTPException, Request, Security
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 
 from medunet.errors import InputError
 from medunet.inference.predictor import TTA_MODES
+from medunet.serve.auth import TOKEN_QUERY, check_token, token_matches
+from medunet.serve.deadline import JobCancelled, JobControl, with_deadline_checks
 from medunet.serve.segment import OUTPUT_FORMATS, SegmentResult, class_colour, run_segmentation
 from medunet.serve.uploads import ACCEPTED_SUFFIXES, UploadError, receive_upload
+from medunet.serve.workdirs import make_work_dir, remove_stale_work_dirs, tmp_root
 
 STATIC_DIR = Path(__file__).parent / "static"
 log = logging.getLogger("medunet.serve")
@@ -63,9 +69,18 @@ Mask files hold the dataset's raw label values. `STATS` is `{"case", "dimension"
 "inference_seconds", "total_seconds"}`: areas/volumes are voxel counts times the product of the
 voxel spacing (millimetres for medical formats, pixels for pictures).
 
-**Errors** are `{"detail": "message"}`: 413 upload too large, 415 unsupported file type,
-422 unreadable image or one that does not fit the model (channels, dimension) or a bad option,
-503 server busy (retry after the `Retry-After` header's seconds).
+**Access**: a server started with `--token` wants `Authorization: Bearer <token>` on `/api/*`
+(the page: open `/?token=<token>`); `/health`, `/static/*` and these docs stay open.
+
+**Limits**: the whole request body (the file, other parts, everything) may hold the upload
+limit plus 64 KiB; the upload must arrive within the server's `--upload-timeout` and the
+segmentation finish within its `--job-timeout`; images may hold at most `max_voxels` values
+(see `GET /api/model`).
+
+**Errors** are `{"detail": "message"}`: 401 missing or wrong token, 408 upload too slow,
+413 upload too large, 415 unsupported file type, 422 unreadable image or one that does not fit
+the model (channels, dimension, size) or a bad option, 503 server busy (retry after the
+`Retry-After` header's seconds), 504 segmentation over the time limit.
 """
 
 _SEGMENT_BODY = {
@@ -89,11 +104,45 @@ _ERROR = {"content": {"application/json": {"example": {"detail": "message"}}}}
 _SEGMENT_RESPONSES: dict = {
     200: {"description": "the mask and its statistics (shape depends on `format`, see above)",
           "content": {"application/json": {}, "image/png": {}, "application/gzip": {}}},
-    413: {"description": "the upload (or the unpacked zip) is over the size limit", **_ERROR},
+    401: {"description": "the server wants a token and none or a wrong one was sent", **_ERROR},
+    408: {"description": "the upload did not arrive within the server's upload time limit", **_ERROR},
+    413: {"description": "the request body (or the unpacked zip) is over the size limit", **_ERROR},
     415: {"description": "not a supported file type", **_ERROR},
     422: {"description": "unreadable image, wrong channels or dimension, or a bad option", **_ERROR},
     503: {"description": "too many requests in progress; see Retry-After", **_ERROR},
+    504: {"description": "the segmentation took longer than the server's time limit per job", **_ERROR},
 }
+_PAGE_HEADERS = {"Cache-Control": "no-cache", "Referrer-Policy": "no-referrer"}
+_NO_TOKEN = ("missing or wrong access token: send the header 'Authorization: Bearer <token>' with the "
+             "token the server was started with (--token)")
+_PAGE_NO_TOKEN = (f"this medunet server needs its access token: open /?{TOKEN_QUERY}=<token> with the token "
+                  "it was started with (--token)\n")
+
+
+def _upload_too_slow(seconds: float) -> str:
+    return (f"the upload did not arrive within the server's limit of {seconds:g} s (a slow or stalled "
+            "connection): send it again, or start the server with a larger --upload-timeout")
+
+
+def _job_too_slow(seconds: float) -> str:
+    return (f"the segmentation took longer than the server's limit of {seconds:g} s: try tta=none or a "
+            "smaller image, or start the server with a larger --job-timeout")
+
+
+class _Slot:
+    """One request's place in the gate, released exactly once (by the job's end or by a timeout)."""
+
+    def __init__(self, gate: JobGate) -> None:
+        self._gate = gate
+        self._lock = threading.Lock()
+        self._held = True
+
+    def release(self) -> None:
+        with self._lock:
+            if not self._held:
+                return
+            self._held = False
+        self._gate.release()
 
 
 class JobGate:
@@ -142,24 +191,43 @@ class JobGate:
 
 
 def create_app(predictor, *, workers: int = 1, queue_size: int = 8, max_upload_mb: float = 512,
-               tmp_dir: str | Path | None = None) -> FastAPI:
+               tmp_dir: str | Path | None = None, upload_timeout: float = 120.0, job_timeout: float = 600.0,
+               token: str | None = None) -> FastAPI:
     """Build the app around a loaded :class:`~medunet.inference.Predictor`.
 
     Args:
         predictor: the model, loaded once and shared by all requests.
         workers: prediction threads (1 is best on a CPU: one prediction already uses every core).
         queue_size: requests allowed to wait beyond the running ones; more get 503.
-        max_upload_mb: largest accepted upload (a DICOM zip may unpack to 4 times this).
-        tmp_dir: where the per-request temporary directories go (default: the system's).
+        max_upload_mb: largest accepted upload (a DICOM zip may unpack to 4 times this); the
+            whole request body may hold this plus 64 KiB.
+        tmp_dir: where the per-request temporary directories go (default: the system's);
+            folders there that a crashed server left behind are removed now.
+        upload_timeout: seconds a request may take to send its whole body (408 after).
+        job_timeout: seconds from the end of the upload to the answer (504 after).
+        token: when given, ``Authorization: Bearer <token>`` is required on the API and the page.
     """
     if workers < 1 or queue_size < 0 or max_upload_mb <= 0:
         raise InputError("workers must be >= 1, queue size >= 0 and the upload limit > 0")
+    if not (math.isfinite(upload_timeout) and upload_timeout > 0 and math.isfinite(job_timeout)
+            and job_timeout > 0):
+        raise InputError(f"time limits must be positive seconds (upload {upload_timeout}, job {job_timeout})",
+                         fix="e.g. --upload-timeout 120 --job-timeout 600")
+    token = check_token(token)
+    root = tmp_root(tmp_dir)
+    remove_stale_work_dirs(root)
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="medunet-predict")
     gate = JobGate(workers, queue_size)
     max_bytes = int(max_upload_mb * 2**20)
-    tmp_root = Path(tmp_dir) if tmp_dir is not None else None
-    if tmp_root is not None:
-        tmp_root.mkdir(parents=True, exist_ok=True)
+    served = with_deadline_checks(predictor)  # same model, backends that honour the job deadline
+    bearer = HTTPBearer(auto_error=False, description="the token given to `medunet serve --token`")
+
+    async def require_token(request: Request, _scheme=Security(bearer)) -> None:
+        """401 unless the request carries the token (only installed when there is one)."""
+        if token is not None and not token_matches(token, request.headers.get("authorization")):
+            raise HTTPException(401, _NO_TOKEN, headers={"WWW-Authenticate": "Bearer"})
+
+    guarded = [Depends(require_token)] if token is not None else []
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -173,44 +241,70 @@ def create_app(predictor, *, workers: int = 1, queue_size: int = 8, max_upload_m
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/", include_in_schema=False)
-    async def index() -> FileResponse:
-        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+    async def index(request: Request) -> Response:
+        # a browser cannot add a header when it opens a page: the page takes ?token= (app.js
+        # then sends the header on its API calls)
+        if token is not None and not token_matches(token, request.headers.get("authorization"),
+                                                   request.query_params.get(TOKEN_QUERY)):
+            return PlainTextResponse(_PAGE_NO_TOKEN, status_code=401,
+                                     headers={"WWW-Authenticate": "Bearer", **_PAGE_HEADERS})
+        return FileResponse(STATIC_DIR / "index.html", headers=_PAGE_HEADERS)
 
     @app.get("/health", summary="Liveness and queue occupancy")
     async def health() -> dict:
-        return {"status": "ok", "model": predictor.plan.dataset_name, "queue": gate.snapshot()}
+        # open for liveness probes; the model's name only when the server is open anyway
+        info: dict = {"status": "ok", "queue": gate.snapshot()}
+        if token is None:
+            info["model"] = predictor.plan.dataset_name
+        return info
 
-    @app.get("/api/model", summary="What the model expects and predicts")
+    @app.get("/api/model", summary="What the model expects and predicts", dependencies=guarded)
     async def model_info() -> dict:
-        return describe_model(predictor, max_bytes)
+        return describe_model(predictor, max_bytes, upload_timeout=upload_timeout, job_timeout=job_timeout)
 
     @app.post("/api/segment", summary="Segment one uploaded image", openapi_extra=_SEGMENT_BODY,
-              responses=_SEGMENT_RESPONSES, response_class=Response)
+              responses=_SEGMENT_RESPONSES, response_class=Response, dependencies=guarded)
     async def segment(request: Request) -> Response:
         """Upload an image in the form field `file`; see the API description for the response shapes."""
         if not gate.try_acquire():
             raise HTTPException(503, "the server is busy: too many images in progress; try again shortly",
                                 headers={"Retry-After": str(gate.retry_after())})
-        work = Path(tempfile.mkdtemp(prefix="medunet-serve-", dir=tmp_root))
+        slot = _Slot(gate)
+        work = make_work_dir(root)
         handed_over = False
+        control: JobControl | None = None
         try:
-            upload = await receive_upload(request, work, max_bytes)
+            try:
+                upload = await asyncio.wait_for(receive_upload(request, work, max_bytes), upload_timeout)
+            except asyncio.TimeoutError as exc:
+                raise UploadError(408, _upload_too_slow(upload_timeout)) from exc
             tta, out_format, view = _options(upload.fields)
+            control = JobControl(job_timeout)
 
             def job() -> SegmentResult:
+                assert control is not None
                 t0 = time.perf_counter()
                 try:
-                    return run_segmentation(predictor, upload, work, tta=tta, out_format=out_format,
-                                            view=view, max_bytes=max_bytes)
+                    with control.active():
+                        return run_segmentation(served, upload, work, tta=tta, out_format=out_format,
+                                                view=view, max_bytes=max_bytes)
                 finally:
                     gate.observe(time.perf_counter() - t0)
 
             future = executor.submit(job)
             handed_over = True  # from here the job's end frees the slot and the directory
-            future.add_done_callback(lambda _f: _finish(work, gate))
-            result = await asyncio.wrap_future(future)
+            future.add_done_callback(lambda _f: _finish(work, slot))
+            try:  # a job still waiting for a worker at the deadline is cancelled by wait_for
+                result = await asyncio.wait_for(asyncio.wrap_future(future), job_timeout)
+            except asyncio.TimeoutError as exc:
+                raise JobCancelled from exc
         except UploadError as exc:
             raise HTTPException(exc.status, exc.message) from exc
+        except JobCancelled as exc:
+            if control is not None:
+                control.cancel()  # the worker stops at its next window; its folder goes then
+            slot.release()  # the time is up: the slot is free now, not when the thread notices
+            raise HTTPException(504, _job_too_slow(job_timeout)) from exc
         except InputError as exc:
             raise HTTPException(422, str(exc)) from exc
         except HTTPException:
@@ -221,15 +315,15 @@ def create_app(predictor, *, workers: int = 1, queue_size: int = 8, max_upload_m
                                      "see the server log") from exc
         finally:
             if not handed_over:
-                _finish(work, gate)
+                _finish(work, slot)
         return _response(result, out_format)
 
     return app
 
 
-def _finish(work: Path, gate: JobGate, _future: Future | None = None) -> None:
+def _finish(work: Path, slot: _Slot, _future: Future | None = None) -> None:
     shutil.rmtree(work, ignore_errors=True)
-    gate.release()
+    slot.release()
 
 
 def _options(fields: dict[str, str]) -> tuple[str, str, bool]:
@@ -262,8 +356,12 @@ def _response(result: SegmentResult, out_format: str) -> Response:
     })
 
 
-def describe_model(predictor, max_bytes: int) -> dict:
-    """The model's contract for clients: inputs, labels (with the page's colours), plan summary."""
+def describe_model(predictor, max_bytes: int, *, upload_timeout: float | None = None,
+                   job_timeout: float | None = None) -> dict:
+    """The model's contract for clients: inputs, labels (with the page's colours), plan summary
+    and the server's limits."""
+    from medunet.io.image import max_voxels
+
     plan = predictor.plan
     return {
         "name": plan.dataset_name,
@@ -284,6 +382,9 @@ def describe_model(predictor, max_bytes: int) -> dict:
         "formats": list(OUTPUT_FORMATS),
         "accepted_suffixes": list(ACCEPTED_SUFFIXES),
         "max_upload_mb": round(max_bytes / 2**20, 3),
+        "max_voxels": max_voxels(),
+        "upload_timeout_s": upload_timeout,
+        "job_timeout_s": job_timeout,
     }
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from medunet.errors import InputError
 from medunet.io import Geometry, read_dicom_series, read_image, write_image
+from medunet.serve.deadline import check_deadline
 from medunet.serve.uploads import ZIP_EXPANSION, Upload, extract_dicom_zip
 
 OUTPUT_FORMATS = ("json", "png", "nifti")
@@ -78,12 +79,15 @@ def run_segmentation(predictor, upload: Upload, work_dir: Path, *, tta: str = "n
     """Read, check, predict, measure and encode one uploaded image.
 
     Raises :class:`InputError` for anything wrong with the image (the app answers 422); the
-    messages name the client's file, never the server's temporary path.
+    messages name the client's file, never the server's temporary path. Between its phases (and,
+    through the app's Predictor, before every window batch) it checks the job's deadline and
+    raises :class:`~medunet.serve.deadline.JobCancelled` once it has passed.
     """
     plan = predictor.plan
     t_start = time.perf_counter()
     try:
         image, geom = load_upload(upload, work_dir, max_bytes)
+        check_deadline()
         kind = mask_kind(out_format, plan.dim, geom)  # refuse a bad format before the work
         image, squeezed = fit_to_model(image, plan)
         t0 = time.perf_counter()
@@ -93,6 +97,7 @@ def run_segmentation(predictor, upload: Upload, work_dir: Path, *, tta: str = "n
         seconds = time.perf_counter() - t0
     except InputError as exc:
         raise InputError(_client_message(exc, upload, work_dir)) from exc
+    check_deadline()
     name = f"{upload.stem}_mask{'.png' if kind == 'png' else '.nii.gz'}"
     stored = labels[..., None] if squeezed else labels  # the input's own shape, for the file
     path = write_image(work_dir / ("mask.png" if kind == "png" else "mask.nii.gz"), stored,
@@ -102,6 +107,7 @@ def run_segmentation(predictor, upload: Upload, work_dir: Path, *, tta: str = "n
     stats["inference_seconds"] = round(seconds, 4)
     result = SegmentResult(stats, mask, name, kind)
     if view:
+        check_deadline()
         result.view = make_view(image, labels, plan)
     stats["total_seconds"] = round(time.perf_counter() - t_start, 4)
     return result

@@ -3,13 +3,17 @@
 The multipart body is parsed here (not by Starlette's form parser) so that the file goes
 straight into the request's own temporary directory under a name the server chooses, and so
 that an upload over the limit is refused as soon as it crosses it, not after it was stored.
+The limit counts every byte of the body as it arrives (the file, other parts, part headers,
+bytes after the closing boundary), not only the file, so no part of a body is unbounded.
 """
 
 from __future__ import annotations
 
+import lzma
 import re
 import shutil
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +24,8 @@ ACCEPTED_SUFFIXES = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".bmp", ".tif",
                      ".nrrd", ".mha", ".zip")
 MAX_FIELDS = 16
 MAX_FIELD_BYTES = 1024
+MAX_PARTS = 32  # the file, the form fields and a few ignored parts
+MAX_PART_HEADER_BYTES = 8 * 1024  # all header lines of one part together
 MULTIPART_SLACK = 64 * 1024  # boundaries, part headers and the small form fields
 ZIP_EXPANSION = 4  # a DICOM zip may expand to this many times the upload limit
 ZIP_MAX_MEMBERS = 20_000
@@ -99,8 +105,9 @@ async def receive_upload(request: Request, directory: Path, max_bytes: int,
                          file_field: str = "file") -> Upload:
     """Stream the multipart body; the file in ``file_field`` goes to ``directory/upload<suffix>``.
 
-    Raises :class:`UploadError` with 413 (over ``max_bytes``), 415 (not multipart, or a file
-    type outside the whitelist) or 422 (no file, malformed body).
+    The whole body may hold ``max_bytes`` plus :data:`MULTIPART_SLACK` bytes; reading stops at
+    the first byte beyond. Raises :class:`UploadError` with 413 (over the limit), 415 (not
+    multipart, or a file type outside the whitelist) or 422 (no file, malformed body).
     """
     from python_multipart.exceptions import FormParserError
     from python_multipart.multipart import MultipartParser, parse_options_header
@@ -108,21 +115,34 @@ async def receive_upload(request: Request, directory: Path, max_bytes: int,
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     if ctype != b"multipart/form-data" or b"boundary" not in params:
         raise UploadError(415, f"send multipart/form-data with the image in the field '{file_field}'")
+    body_limit = max_bytes + MULTIPART_SLACK
     length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > max_bytes + MULTIPART_SLACK:
+    if length and length.isdigit() and int(length) > body_limit:
         raise UploadError(413, _too_large(max_bytes))
 
-    state: dict = {"headers": {}, "name": "", "kind": None, "buf": bytearray(), "header": b"", "value": b""}
+    state: dict = {"headers": {}, "name": "", "kind": None, "buf": bytearray(), "header": b"", "value": b"",
+                   "parts": 0, "header_bytes": 0}
     fields: dict[str, str] = {}
     stored: dict = {}
 
     def on_part_begin() -> None:
-        state.update(headers={}, name="", kind=None, buf=bytearray())
+        state["parts"] += 1
+        if state["parts"] > MAX_PARTS:
+            raise UploadError(422, f"the form has more than {MAX_PARTS} parts: "
+                                   "send the file and its options only")
+        state.update(headers={}, name="", kind=None, buf=bytearray(), header_bytes=0)
+
+    def _count_header(n: int) -> None:
+        state["header_bytes"] += n
+        if state["header_bytes"] > MAX_PART_HEADER_BYTES:
+            raise UploadError(422, f"a form part's headers are longer than {MAX_PART_HEADER_BYTES} bytes")
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
+        _count_header(end - start)
         state["header"] += data[start:end]
 
     def on_header_value(data: bytes, start: int, end: int) -> None:
+        _count_header(end - start)
         state["value"] += data[start:end]
 
     def on_header_end() -> None:
@@ -173,14 +193,18 @@ async def receive_upload(request: Request, directory: Path, max_bytes: int,
                  "on_header_field": on_header_field, "on_header_value": on_header_value,
                  "on_header_end": on_header_end, "on_headers_finished": on_headers_finished}
     parser = MultipartParser(params[b"boundary"], callbacks)  # type: ignore[arg-type]
+    received = 0
     try:
         async for chunk in request.stream():
+            received += len(chunk)
+            if received > body_limit:  # every byte counts: other parts, padding, data after the end
+                raise UploadError(413, _too_large(max_bytes))
             parser.write(chunk)
         parser.finalize()
     except ClientDisconnect as exc:
         raise UploadError(400, "the upload was interrupted") from exc
     except FormParserError as exc:
-        raise UploadError(422, f"malformed multipart body ({exc})") from exc
+        raise UploadError(422, f"malformed multipart body ({exc})".replace("\n", " ")[:300]) from exc
     finally:
         if "fh" in stored:
             stored["fh"].close()
@@ -230,7 +254,9 @@ def extract_dicom_zip(zip_path: Path, out_dir: Path, max_bytes: int) -> Path:
                             raise UploadError(413, f"the zip expands to more than {max_bytes / 2**20:g} MB")
                         dst.write(chunk)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, RuntimeError, NotImplementedError, EOFError,
-            OSError) as exc:
+            OSError, zlib.error, lzma.LZMAError, ValueError) as exc:
+        # damaged deflate data (zlib.error), a non-UTF-8 name flagged as UTF-8 (ValueError): found by
+        # tests/test_fuzz.py; they were 500s
         shutil.rmtree(out_dir, ignore_errors=True)
         raise UploadError(422, f"cannot read the zip ({type(exc).__name__}: {exc})") from exc
     return out_dir

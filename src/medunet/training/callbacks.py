@@ -5,16 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from medunet.files import publish
-from medunet.training.optim import optimizer_state
+from medunet.files import atomic_file
 
 
 class CsvLog:
@@ -41,57 +38,24 @@ class CsvLog:
         keep = [r for r in rows if int(r["epoch"]) <= epoch]
         if len(keep) == len(rows):
             return
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with tmp.open("w", newline="") as f:
+        with atomic_file(self.path) as tmp, tmp.open("w", newline="") as f:
             if rows:
                 w = csv.DictWriter(f, fieldnames=list(rows[0]))
                 w.writeheader()
                 w.writerows(keep)
-        os.replace(tmp, self.path)
 
 
 def write_json(path: Path, obj: dict) -> None:
     """JSON to a temporary file, then rename: a kill never leaves a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    publish(tmp, path)
-
-
-def save_run(model_dir: Path, best: bool, *, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             scaler: torch.amp.GradScaler, state: dict, sampler_rng, aug_gen: torch.Generator,
-             ema=None) -> None:
-    """``checkpoint_last.pt`` (and ``checkpoint_best.pt``): everything a resumed run needs, in
-    the one layout ``load_network`` and ``train(resume=True)`` read (trainer and distill alike)."""
-    ema_state = ema.state_dict() if ema is not None else None
-    ckpt = {
-        "model": net.state_dict(),
-        "ema_model": ema_state["model"] if ema_state else None,
-        "ema": {k: v for k, v in ema_state.items() if k != "model"} if ema_state else None,
-        "optimizer": optimizer_state(optimizer),
-        "scaler": scaler.state_dict(),
-        "state": dict(state),
-        "sampler_rng": sampler_rng.bit_generator.state,
-        "aug_rng": aug_gen.get_state(),
-        "torch_rng": torch.get_rng_state(),
-    }
-    # best first: a kill between the two never leaves a best score whose weights were not saved
-    if best:
-        save_checkpoint(ckpt, model_dir / "checkpoint_best.pt")
-    save_checkpoint(ckpt, model_dir / "checkpoint_last.pt")
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2))
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
     """``torch.save`` to a temporary file, then rename: a kill never leaves a broken file, and
     the fsyncs of the file and its folder (``publish(durable=True)``) mean a power loss neither."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".pt", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path, durable=True) as tmp:
         torch.save(state, tmp)
-        publish(tmp, path, durable=True)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class LiveDisplay:
@@ -156,12 +120,8 @@ def plot_curves(log_path: Path, out_path: Path) -> None:
     ax_dice.set_ylim(0, 1)
     ax_dice.legend(fontsize=8)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".curves.", suffix=".png", dir=out_path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=90)
-        publish(tmp, out_path)
+        with atomic_file(out_path) as tmp:
+            fig.savefig(tmp, dpi=90, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -15,7 +15,7 @@ seen with their surroundings while a thin class needs the fine one. Then:
    CPU does not allow five extra trainings), its validation cases honest ones.
 4. Both the cascade and lowres alone predict the validation cases, scored against the raw
    labels on their own grid; ``plan.cascade.use`` keeps the better, ``cascade.json`` says by
-   how much. :class:`medunet.inference.cascade.CascadePredictor` predicts with it.
+   how much. :class:`medunet.inference.predictor.CascadePredictor` predicts with it.
 
 A time budget is shared: stage 1 gets :data:`LOWRES_SHARE` of it, stage 2 what is left after
 the priors are written.
@@ -24,15 +24,18 @@ the priors are written.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from medunet.datasets import Dataset, find_dataset, load_case
 from medunet.errors import InputError
+from medunet.evaluation.metrics import class_counts, pooled_dice
+from medunet.files import publish
 from medunet.io import split_suffix, write_image
 from medunet.planning import Plan
 from medunet.training.callbacks import write_json
@@ -53,15 +56,14 @@ def wants_cascade(plan: Plan, config: str, budget: float | None) -> bool:
 
 def train_cascade(data: str | Path, model_dir: str | Path, plan: Plan, *, epochs: int | None,
                   budget: float | None, resume: bool, seed: int, preset: str, overrides: dict | None,
-                  plan_options: dict, **train_kwargs):
+                  plan_options: dict, train: Callable[..., Any], **train_kwargs) -> Any:
     """Train both stages into ``model_dir`` and choose between cascade and stage 1 alone.
 
-    ``plan`` is the planner's (base) plan of the dataset; ``train_kwargs`` go to each stage's
-    :func:`medunet.training.train` (device, precision, progress, report, ...). Returns the
-    final stage's :class:`TrainResult`.
+    ``plan`` is the planner's (base) plan of the dataset; ``train`` trains one stage (the
+    trainer passes :func:`medunet.training.train`, which calls this function in turn), with
+    ``train_kwargs`` (device, precision, progress, report, ...). Returns the final stage's
+    :class:`TrainResult`.
     """
-    from medunet.training.trainer import train
-
     root = Path(model_dir)
     if not resume and (root / "plan.json").is_file():
         raise InputError("the model directory already holds a run", root,
@@ -133,7 +135,7 @@ def write_prior_dataset(dataset: Dataset, lowres_dir: Path, out: Path, device: s
             "description": f"images of {dataset.root} with stage 1's predictions as channels"}
     (tmp / "dataset.json").write_text(json.dumps(meta, indent=2))
     shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    publish(tmp, out)
     return out
 
 
@@ -150,7 +152,7 @@ def compare_on_validation(root: Path, dataset: Dataset, device: str | None = Non
     """Pooled Dice per foreground class of the cascade and of stage 1 alone on the validation
     cases, each predicted on the case's own grid; the cascade is kept unless it is worse."""
     from medunet.inference import Predictor
-    from medunet.inference.cascade import CascadePredictor
+    from medunet.inference.predictor import CascadePredictor
 
     val = json.loads((root / "lowres" / "splits.json").read_text())["val"]
     by_id = {c.case_id: c for c in dataset.train}
@@ -164,14 +166,8 @@ def compare_on_validation(root: Path, dataset: Dataset, device: str | None = Non
         spacing = geom.spacing[-(image.ndim - 1):]
         for name, pred in (("lowres", lowres), ("cascade", cascade)):
             labels, _ = pred.predict_array(image, probabilities=False, spacing=spacing)
-            idx = np.searchsorted(np.asarray(dataset.label_values), labels)
-            for c in range(1, k):
-                p, g = idx == c, label == c
-                counts[name][:, c] += (np.sum(p & g), np.sum(p & ~g), np.sum(~p & g))
-    dice = {}
-    for name, (tp, fp, fn) in counts.items():
-        denom = 2 * tp + fp + fn
-        dice[name] = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 1.0)[1:].tolist()
+            counts[name] += class_counts(np.searchsorted(np.asarray(dataset.label_values), labels), label, k)
+    dice = {name: pooled_dice(c) for name, c in counts.items()}
     mean = {name: float(np.mean(d)) for name, d in dice.items()}
     use = "cascade" if mean["cascade"] >= mean["lowres"] else "lowres"
     return {"use": use, "dice_mean": mean, "dice_per_class": dice, "cases": val,

@@ -25,8 +25,8 @@ every layer's input), and the initialised student is validated and saved as "epo
 
 from __future__ import annotations
 
+import copy
 import json
-import math
 import os
 import shutil
 import statistics
@@ -39,18 +39,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medunet.augment import augment_batch
 from medunet.datasets import Case, Dataset, find_dataset, validate_dataset
 from medunet.errors import InputError
+from medunet.files import exclusive_lock
+from medunet.modeldir import load_network
 from medunet.planning import Plan
 from medunet.preprocessing.cache import preprocess_dataset
 from medunet.runtime import autocast, flush_denormals, memory_format, resolve_device, resolve_precision
-from medunet.training.callbacks import CsvLog, LiveDisplay, plot_curves, save_run, write_json
+from medunet.training.callbacks import write_json
+from medunet.training.loop import Loop, SupervisedMode, ValidationSet, parse_duration
 from medunet.training.losses import build_loss
-from medunet.training.optim import backward_and_step, build_optimizer
+from medunet.training.optim import ModelEMA, build_optimizer
 from medunet.training.sampler import PatchSampler
-from medunet.training.schedule import learning_rate
-from medunet.training.trainer import parse_duration, validate
 
 INITS = ("prune", "random")
 TIMING_IMAGES = 4  # validation images timed per pass: enough for a median, short on 3D data
@@ -414,7 +414,7 @@ def time_per_image(nets: dict[str, nn.Module], images: list[np.ndarray], plan_of
                    device: torch.device, precision: str, repeats: int = 3) -> dict[str, float]:
     """Median seconds per image of a whole-image sliding-window pass, runs interleaved between
     the networks so a change of machine load hits all of them alike."""
-    from medunet.inference.sliding_window import sliding_window_inference
+    from medunet.inference.network import sliding_window_inference
 
     times: dict[str, list[float]] = {k: [] for k in nets}
     images = [np.array(img) for img in images]  # writable copies of (memory-mapped) cached arrays
@@ -450,12 +450,12 @@ def distill(teacher_dir: str | Path, student_dir: str | Path, data: str | Path |
             width: float = 0.5, epochs: int | None = None, time_budget: str | float | None = None,
             temperature: float = 2.0, alpha: float = 0.5, init: str = "prune", device: str | None = None,
             precision: str | None = None, seed: int = 0, progress: bool = True,
-            lr: float | None = None) -> DistillResult:
+            lr: float | None = None, resume: bool = False) -> DistillResult:
     """Train a thinner student on a trained teacher's soft outputs and compare the two.
 
     Args:
         teacher_dir: a model directory written by ``medunet train``.
-        student_dir: the new model directory (must not hold a run yet).
+        student_dir: the new model directory (must not hold a run yet, unless ``resume``).
         data: the dataset folder; default: the one the teacher's directory records (an
             :class:`InputError` asks for it when none is recorded).
         width: channels of the student per level as a share of the teacher's, in (0, 1].
@@ -463,6 +463,9 @@ def distill(teacher_dir: str | Path, student_dir: str | Path, data: str | Path |
         temperature, alpha: softening of both outputs; share of the distillation term.
         init: ``prune`` (L1-norm channel pruning of the teacher) or ``random``.
         lr: peak learning rate (default: the plan's).
+        resume: continue the run in ``student_dir`` from ``checkpoint_last.pt`` (a larger
+            ``epochs`` extends a finished one); width, temperature, alpha and the split are
+            the recorded ones (``distill.json``).
     """
     teacher_dir, student_dir = Path(teacher_dir), Path(student_dir)
     _check_args(width, temperature, alpha, init)
@@ -473,8 +476,17 @@ def distill(teacher_dir: str | Path, student_dir: str | Path, data: str | Path |
                          else "pass a directory written by 'medunet train'")
     if student_dir.resolve() == teacher_dir.resolve():
         raise InputError("the student directory is the teacher's", student_dir, "choose another -o")
-    if (student_dir / "checkpoint_last.pt").is_file() or (student_dir / "distill.json").is_file():
-        raise InputError("the student directory already holds a run", student_dir, "choose another -o")
+    last = student_dir / "checkpoint_last.pt"
+    if resume and not (last.is_file() and (student_dir / "distill.json").is_file()):
+        raise InputError("nothing to resume: no checkpoint_last.pt and distill.json", student_dir,
+                         "run without --resume")
+    if not resume and (last.is_file() or (student_dir / "distill.json").is_file()):
+        raise InputError("the student directory already holds a run", student_dir,
+                         "add --resume to continue or extend it, or choose another -o")
+    recorded = json.loads((student_dir / "distill.json").read_text()) if resume else {}
+    if resume:
+        width, temperature, alpha = recorded["width"], recorded["temperature"], recorded["alpha"]
+        data = data if data is not None else recorded.get("data")
     budget = parse_duration(time_budget) if time_budget is not None else None
     if data is None:
         data = recorded_data(teacher_dir)
@@ -484,9 +496,18 @@ def distill(teacher_dir: str | Path, student_dir: str | Path, data: str | Path |
     dev = resolve_device(device)
     flush_denormals(dev)
     prec = resolve_precision(precision, dev)
+    with exclusive_lock(student_dir / ".train.lock", "another run is writing to this student directory",
+                        "wait for it to finish, or choose another -o"):
+        return _distill(teacher_dir, student_dir, Path(data), width, epochs, budget, temperature, alpha, init,
+                        dev, prec, seed, progress, lr, recorded)
 
-    from medunet.inference.predictor import load_network
 
+def _distill(teacher_dir: Path, student_dir: Path, data: Path, width: float, epochs: int | None,
+             budget: float | None, temperature: float, alpha: float, init: str, dev: torch.device,
+             prec: str, seed: int, progress: bool, lr: float | None, recorded: dict) -> DistillResult:
+    """The run of :func:`distill` once its arguments are checked (``recorded``: a resumed run's
+    ``distill.json``, empty for a new one)."""
+    resume = bool(recorded)
     t_plan, teacher, _ = load_network(teacher_dir, "best")
     dataset = find_dataset(data)
     validate_dataset(dataset)
@@ -495,18 +516,20 @@ def distill(teacher_dir: str | Path, student_dir: str | Path, data: str | Path |
                          f"does not match the teacher ({t_plan.in_channels} channels, labels "
                          f"{t_plan.label_values})",
                          Path(data), "pass the dataset the teacher was trained on with --data")
-    split = _teacher_split(teacher_dir, dataset, t_plan, seed)
-    s_plan = student_plan(t_plan, width, teacher_dir)
+    if resume:
+        split = json.loads((student_dir / "splits.json").read_text())
+        s_plan = Plan.load(student_dir)
+    else:
+        split = _teacher_split(teacher_dir, dataset, t_plan, seed)
+        s_plan = student_plan(t_plan, width, teacher_dir)
     if lr is not None:
         s_plan.training["lr"] = float(lr)
-    if epochs is None and budget is None:
-        epochs = int(s_plan.training["epochs"])
 
-    created = not student_dir.exists()
     own_cache = student_dir / "preprocessed"
     caches = [own_cache, teacher_dir / "preprocessed", teacher_dir.parent / "preprocessed"]
     cache_existed = own_cache.exists()
-    written = [student_dir / n for n in ("plan.json", "splits.json", "distill.json", "log.csv", "curves.png")]
+    written = [student_dir / n for n in ("plan.json", "splits.json", "distill.json", "log.csv", "curves.png",
+                                         "selection.json")]
     try:
         by_id = {c.case_id: c for c in dataset.train}
         tr_img, tr_lab = _load_cases([by_id[i] for i in split["train"]], dataset, s_plan, caches)
@@ -515,8 +538,8 @@ def distill(teacher_dir: str | Path, student_dir: str | Path, data: str | Path |
         torch.manual_seed(seed)
         mf = memory_format(s_plan.dim)
         student = s_plan.build_network()
-        init_used, notes = init, []
-        if init == "prune":
+        init_used, notes = recorded.get("init_used", init), list(recorded.get("prune_notes", []))
+        if init == "prune" and not resume:
             try:
                 prune_unet(teacher, student, notes)
             except PruneError as exc:  # documented fall-back: a fresh student, said out loud
@@ -527,66 +550,67 @@ def distill(teacher_dir: str | Path, student_dir: str | Path, data: str | Path |
         t = s_plan.training
         sampler = PatchSampler(tr_img, tr_lab, s_plan.patch_size, s_plan.batch_size, t["fg_oversample"],
                                np.random.default_rng(seed))
-        aug_gen = torch.Generator().manual_seed(seed)
-        if init_used == "prune" and width < 1:
+        if init_used == "prune" and width < 1 and not resume:
             batches = [torch.from_numpy(sampler.sample()[0]).to(dev).contiguous(memory_format=mf)
                        for _ in range(8)]
             if recalibrate_batchnorm(student, batches, dev, prec):
                 notes.append("BatchNorm statistics re-estimated on 8 training batches after pruning")
-
-        config = {
-            "teacher": str(teacher_dir.resolve()), "data": str(Path(data).resolve()), "width": width,
-            "teacher_features": t_plan.network["features"], "student_features": s_plan.network["features"],
-            "init": init, "init_used": init_used, "prune_notes": notes, "temperature": temperature,
-            "alpha": alpha, "seed": seed, "epochs": epochs, "time_budget_seconds": budget,
-            "device": dev.type, "precision": prec, "lr": t["lr"],
-        }
-        config["student_val_dice_at_init"] = float(np.mean(validate(student, val_img, val_lab, s_plan, dev,
-                                                                    prec)))
-        student_dir.mkdir(parents=True, exist_ok=True)
-        s_plan.save(student_dir / "plan.json")
-        write_json(student_dir / "splits.json", split)
-        write_json(student_dir / "distill.json", config)
-        run = _DistillRun(s_plan, student_dir, teacher, student, build_optimizer(student, t),
-                          torch.amp.GradScaler(dev.type, enabled=prec == "fp16"), supervised_loss(s_plan),
-                          sampler, aug_gen, val_img, val_lab, dev, prec, epochs, budget, temperature, alpha,
-                          CsvLog(student_dir / "log.csv"))
-        # "epoch 0" is the initialised student: fine-tuning that only makes it worse (a wide
-        # student, a high learning rate) then leaves checkpoint_best.pt at the pruned teacher
-        run.state["best_dice"] = config["student_val_dice_at_init"]
-        run.save(best=True)
-        run.started = time.perf_counter()
-        total = budget if budget is not None else epochs * run.ipe
-        with LiveDisplay(total, "distill", enabled=progress) as display:
-            display.epoch_line(
-                f"distilling {t_plan.network['features']} -> {s_plan.network['features']} "
-                f"(init {init_used}: val Dice {config['student_val_dice_at_init']:.4f}) on {len(tr_img)} "
-                f"cases (val {len(val_img)}), {dev.type} {prec}"
-                + (f", budget {budget:.0f}s" if budget else f", {epochs} epochs"))
-            history = run.fit(display)
+        mode = DistillMode(s_plan, student, build_optimizer(student, t),
+                           torch.amp.GradScaler(dev.type, enabled=prec == "fp16"), supervised_loss(s_plan),
+                           sampler, torch.Generator().manual_seed(seed), dev, prec,
+                           ema=ModelEMA(student, t["ema"], t.get("ema_every", 1)) if t.get("ema") else None,
+                           teacher=teacher, temperature=temperature, alpha=alpha)
+        val = ValidationSet(val_img, val_lab)
+        loop = Loop(mode, s_plan, student_dir, val, dev, prec, epochs=epochs, budget=budget, seed=seed)
+        if resume:
+            loop.resume(student_dir / "checkpoint_last.pt")
+            config = {**recorded, "epochs": epochs, "time_budget_seconds": budget}
+        else:
+            config = {
+                "teacher": str(teacher_dir.resolve()), "data": str(Path(data).resolve()), "width": width,
+                "teacher_features": t_plan.network["features"],
+                "student_features": s_plan.network["features"],
+                "init": init, "init_used": init_used, "prune_notes": notes, "temperature": temperature,
+                "alpha": alpha, "seed": seed, "epochs": epochs, "time_budget_seconds": budget,
+                "device": dev.type, "precision": prec, "lr": t["lr"],
+            }
+            config["student_val_dice_at_init"] = float(np.mean(val.dice(student, s_plan, dev, prec)))
+            student_dir.mkdir(parents=True, exist_ok=True)
+            s_plan.save(student_dir / "plan.json")
+            write_json(student_dir / "splits.json", split)
+            write_json(student_dir / "distill.json", config)
+            # "epoch 0" is the initialised student: fine-tuning that only makes it worse (a wide
+            # student, a high learning rate) then leaves checkpoint_best.pt at the pruned teacher
+            loop.state.best_dice = config["student_val_dice_at_init"]
+            loop.save(best=True)
+        history = loop.run(
+            f"distilling {t_plan.network['features']} -> {s_plan.network['features']} "
+            f"(init {init_used}: val Dice {config['student_val_dice_at_init']:.4f}) on {len(tr_img)} "
+            f"cases (val {len(val_img)}), {dev.type} {prec}"
+            + (f", budget {budget:.0f}s" if budget else f", {loop.epochs} epochs"), progress=progress)
     except BaseException:
         # nothing half-written: a run stopped before its first checkpoint leaves no files behind
-        # (the folder neither, if it made it); one stopped later keeps a loadable student
-        if not (student_dir / "checkpoint_last.pt").is_file():
+        # (the folder neither, if this run made it); one stopped later keeps a loadable student
+        if not resume and not (student_dir / "checkpoint_last.pt").is_file():
             for p in written:
                 p.unlink(missing_ok=True)
             if not cache_existed:
                 shutil.rmtree(own_cache, ignore_errors=True)
-            if created:
-                shutil.rmtree(student_dir, ignore_errors=True)
-        raise
+        raise  # a folder the lock created is removed with the lock when nothing else is in it
 
     # compare the best student with the teacher on the same validation images and machine
     best = torch.load(student_dir / "checkpoint_best.pt", map_location=dev, weights_only=True)
-    student.load_state_dict(best["model"])
-    t_dice = validate(teacher, val_img, val_lab, t_plan, dev, prec)
-    s_dice = validate(student, val_img, val_lab, s_plan, dev, prec)
+    student = copy.deepcopy(mode.eval_net)
+    student.load_state_dict(best["ema_model"] if best.get("ema_model") else best["model"])
+    t_dice = val.dice(teacher, t_plan, dev, prec)
+    s_dice = val.dice(student, s_plan, dev, prec)
     secs = time_per_image({"teacher": teacher, "student": student}, val_img[:TIMING_IMAGES],
                           {"teacher": t_plan, "student": s_plan}, dev, prec)
-    if not cache_existed and own_cache.is_dir():  # a student does not resume: its cache can go
+    if not cache_existed and own_cache.is_dir():  # the cache is rebuilt (from the teacher's) on resume
         shutil.rmtree(own_cache, ignore_errors=True)
     names = s_plan.label_names[1:]
     t_params, s_params = count_parameters(teacher), count_parameters(student)
+    state = loop.state
     summary = {
         **config,
         "teacher_params": t_params, "student_params": s_params,
@@ -600,134 +624,32 @@ def distill(teacher_dir: str | Path, student_dir: str | Path, data: str | Path |
         "speedup": round(secs["teacher"] / max(secs["student"], 1e-12), 3),
         "timing": f"median of 3 interleaved whole-image sliding-window passes over the first "
                   f"{min(TIMING_IMAGES, len(val_img))} validation images",
-        "epochs_done": run.state["epoch"], "iterations": run.state["iteration"],
-        "seconds": round(run.elapsed(), 1), "best_epoch_val_dice": run.state["best_dice"],
+        "epochs_done": state.epoch, "iterations": state.iteration,
+        "seconds": round(loop.elapsed(), 1), "best_epoch_val_dice": state.best_dice,
     }
     write_json(student_dir / "distill.json", summary)
     return DistillResult(student_dir, summary["teacher_val_dice"], summary["student_val_dice"], t_params,
-                         s_params, secs["teacher"], secs["student"], summary["speedup"], run.state["epoch"],
-                         run.state["iteration"], run.elapsed(), init_used, history)
+                         s_params, secs["teacher"], secs["student"], summary["speedup"], state.epoch,
+                         state.iteration, loop.elapsed(), init_used, history)
 
 
-class _DistillRun:
-    """The distillation loop's state; the loop mirrors the trainer's (epochs of patch steps,
-    whole-image validation, atomic checkpoints with the trainer's keys)."""
+class DistillMode(SupervisedMode):
+    """Supervised training whose loss is mixed with the teacher's softened outputs
+    (:func:`distillation_loss`); everything else (device-side augmentation, EMA, checkpoints,
+    validation, early stopping, resume) is the loop's and the supervised mode's."""
 
-    def __init__(self, plan: Plan, out: Path, teacher: nn.Module, student: nn.Module,
-                 optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, supervised: nn.Module,
-                 sampler: PatchSampler, aug_gen: torch.Generator, val_img: list[np.ndarray],
-                 val_lab: list[np.ndarray], device: torch.device, precision: str, epochs: int | None,
-                 budget: float | None, temperature: float, alpha: float, log: CsvLog) -> None:
-        self.plan, self.out, self.teacher, self.student = plan, out, teacher, student
-        self.optimizer, self.scaler, self.supervised = optimizer, scaler, supervised
-        self.sampler, self.aug_gen, self.val_img, self.val_lab = sampler, aug_gen, val_img, val_lab
-        self.device, self.precision, self.epochs, self.budget = device, precision, epochs, budget
-        self.temperature, self.alpha, self.log = temperature, alpha, log
-        self.state = {"epoch": 0, "iteration": 0, "elapsed": 0.0, "best_dice": -1.0}
-        self.started = time.perf_counter()
-        self.step_seconds = 0.0
-        self.val_seconds = 0.0
+    name = "distill"
 
-    @property
-    def ipe(self) -> int:
-        return int(self.plan.training["iterations_per_epoch"])
+    def __init__(self, *args, teacher: nn.Module, temperature: float, alpha: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.teacher, self.temperature, self.alpha = teacher, temperature, alpha
 
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.started
-
-    def progress(self) -> float:
-        if self.budget is not None:
-            return self.elapsed() / self.budget
-        return self.state["iteration"] / max(1, self.epochs * self.ipe)
-
-    def out_of_time(self) -> bool:
-        if self.budget is None:
-            return False
-        return self.elapsed() + self.val_seconds + self.step_seconds >= self.budget
-
-    def finished(self) -> bool:
-        return self.out_of_time() if self.budget is not None else self.state["epoch"] >= self.epochs
-
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.sampler.sample()
-        xt, yt = augment_batch(torch.from_numpy(x), torch.from_numpy(y),
-                               self.plan.training.get("augment", {}), self.aug_gen)
-        xt = xt.to(self.device, non_blocking=True).contiguous(memory_format=memory_format(self.plan.dim))
-        return xt, yt.to(self.device, non_blocking=True).long()
-
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
-        lr = learning_rate(self.plan.training, self.progress())
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        with torch.inference_mode(), autocast(self.device, self.precision):
+    def losses(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        with torch.inference_mode():
             soft = self.teacher(x)
         soft = soft.clone()  # an inference tensor cannot take part in autograd; a clone can
-        with autocast(self.device, self.precision):
-            out = self.student(x)
-            if isinstance(out, (list, tuple)):  # deep supervision: distil the full-resolution output
-                out = out[0]
-            loss, kd, sup = distillation_loss(out, soft, y, self.supervised, self.temperature, self.alpha)
-        clip = self.plan.training.get("grad_clip")
-        backward_and_step(loss, self.student, self.optimizer, self.scaler, clip)
-        return float(loss.detach()), kd, sup
-
-    def fit(self, display: LiveDisplay) -> list[dict]:
-        history = []
-        while not self.finished():
-            self.student.train()
-            t_epoch, t_data, losses, kds, sups = time.perf_counter(), 0.0, [], [], []
-            for _ in range(self.ipe):
-                if self.out_of_time():
-                    break
-                t0 = time.perf_counter()
-                x, y = self.batch()
-                t1 = time.perf_counter()
-                loss, kd, sup = self.step(x, y)
-                t2 = time.perf_counter()
-                losses.append(loss)
-                kds.append(kd)
-                sups.append(sup)
-                t_data += t1 - t0
-                dt = t2 - t0
-                self.step_seconds = 0.9 * self.step_seconds + 0.1 * dt if self.step_seconds else dt
-                self.state["iteration"] += 1
-                display.update(self._completed(), loss=float(np.mean(losses)))
-            if not losses:
-                break
-            t_val = time.perf_counter()
-            dice = validate(self.student, self.val_img, self.val_lab, self.plan, self.device, self.precision)
-            self.val_seconds = time.perf_counter() - t_val
-            self.state["epoch"] += 1
-            seconds = time.perf_counter() - t_epoch
-            row = {"epoch": self.state["epoch"], "iterations": self.state["iteration"],
-                   "train_loss": round(float(np.mean(losses)), 6), "val_dice": round(float(np.mean(dice)), 6)}
-            for name, d in zip(self.plan.label_names[1:], dice, strict=True):
-                row[f"val_dice_{name}"] = round(float(d), 6)
-            row.update({
-                "kd_loss": round(float(np.mean(kds)), 6),
-                "supervised_loss": round(float(np.mean(sups)), 6) if not math.isnan(sups[0]) else "",
-                "lr": self.optimizer.param_groups[0]["lr"], "epoch_seconds": round(seconds, 3),
-                "data_wait_share": round(t_data / max(seconds, 1e-9), 4),
-                "elapsed_seconds": round(self.elapsed(), 2),
-            })
-            self.log.write(row)
-            plot_curves(self.log.path, self.out / "curves.png")
-            history.append(row)
-            improved = row["val_dice"] > self.state["best_dice"]
-            if improved:
-                self.state["best_dice"] = row["val_dice"]
-            self.state["elapsed"] = self.elapsed()
-            self.save(improved)
-            display.update(self._completed(), epoch=self.state["epoch"], dice=f"{row['val_dice']:.4f}")
-            display.epoch_line(
-                f"epoch {self.state['epoch']:>3}  loss {row['train_loss']:.4f} (kd {row['kd_loss']:.4f})  "
-                f"val Dice {row['val_dice']:.4f}{' *' if improved else ''}  lr {row['lr']:.2e}  "
-                f"{seconds:.1f}s")
-        return history
-
-    def _completed(self) -> float:
-        return self.elapsed() if self.budget is not None else self.state["iteration"]
-
-    def save(self, best: bool) -> None:
-        save_run(self.out, best, net=self.student, optimizer=self.optimizer, scaler=self.scaler,
-                 state=self.state, sampler_rng=self.sampler.rng, aug_gen=self.aug_gen)
+        out = self.train_net(x)
+        if isinstance(out, (list, tuple)):  # deep supervision: distil the full-resolution output
+            out = out[0]
+        loss, kd, sup = distillation_loss(out, soft, y, self.loss_fn, self.temperature, self.alpha)
+        return loss, {"kd_loss": kd, "supervised_loss": sup}

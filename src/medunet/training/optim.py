@@ -12,12 +12,14 @@ from medunet.errors import InputError
 OPTIMIZERS = ("adamw", "sgd")
 
 
-def build_optimizer(net: nn.Module, training: dict) -> torch.optim.Optimizer:
+def build_optimizer(net: nn.Module, training: dict, dense_views: bool = True) -> torch.optim.Optimizer:
     """``adamw`` (our default: robust at the short runs a CPU affords) or ``sgd`` (Nesterov,
     momentum 0.99: nnU-Net's choice, pair it with the ``poly`` schedule and lr 1e-2).
 
     Build it after the network has its final device and memory format: the optimiser may hold
     views of the weights' memory (see ``_dense_view``), which ``net.to(...)`` would replace.
+    ``dense_views=False`` steps the weights themselves: DistributedDataParallel reads each
+    weight's own gradient, which the views' hand-over hook would take away.
     """
     kind = training.get("optimizer", "adamw")
     lr, wd = float(training["lr"]), float(training.get("weight_decay", 0.0))
@@ -29,7 +31,7 @@ def build_optimizer(net: nn.Module, training: dict) -> torch.optim.Optimizer:
     else:
         raise InputError(f"unknown optimizer '{kind}'", "plan.json",
                          f"set training.optimizer to one of {', '.join(OPTIMIZERS)}")
-    params = [_dense_view(p) for p in net.parameters()]
+    params = [_dense_view(p) if dense_views else p for p in net.parameters()]
     # The fused kernels are 3-4x faster than the per-tensor loop torch uses on a CPU by default
     # (AdamW on 20 M parameters: 100 ms -> 26 ms per step, a third of a 2D training step);
     # older torch builds or other devices fall back to the default implementation.

@@ -6,6 +6,16 @@
 const $ = (id) => document.getElementById(id);
 const state = { model: null, result: null, cache: new Map(), slice: 0 };
 
+// A server started with --token is opened as /?token=...: the page sends that token as a bearer
+// header on its API calls (the address keeps it, so a reload works, as with Jupyter's links).
+const token = new URLSearchParams(window.location.search).get("token");
+
+function api(url, options = {}) {
+  const headers = new Headers(options.headers || {});
+  if (token) headers.set("Authorization", `Bearer ${token}`);
+  return fetch(url, { ...options, headers });
+}
+
 function setState(name, message) {
   document.body.dataset.state = name;
   if (message !== undefined) $("status").textContent = message;
@@ -19,7 +29,8 @@ function showError(message) {
 
 async function loadModel() {
   try {
-    const res = await fetch("/api/model");
+    const res = await api("/api/model");
+    if (res.status === 401) throw new Error("this server needs its access token: open the page as /?token=<token>");
     if (!res.ok) throw new Error(`HTTP ${res.status}`);
     const m = await res.json();
     state.model = m;
@@ -47,7 +58,7 @@ async function segment(file) {
   form.append("view", "true");
   let res;
   try {
-    res = await fetch("/api/segment", { method: "POST", body: form });
+    res = await api("/api/segment", { method: "POST", body: form });
   } catch (err) {
     showError(`The upload failed: ${err.message}`);
     return;

@@ -1,23 +1,21 @@
 """A grid of augmented training patches with their labels: check the settings by eye.
 
 ``medunet augment-preview DATA -o grid.png`` draws exactly what the trainer would feed the
-network (same plan, sampler and augmentation), so a too-strong setting is seen before a run.
+network (same plan; the same crop, resampling and normalisation as the training cache; same
+sampler and augmentation), so a too-strong setting is seen before a run.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from medunet.augment.config import validate_augmentation
-from medunet.augment.pipeline import augment_batch
+from medunet.augment import augment_batch, validate_augmentation
 from medunet.errors import InputError
-from medunet.files import publish
+from medunet.files import atomic_file
 
 TILE_PX = 200
 """Each sample is drawn in a TILE_PX x TILE_PX square: the PNG is (rows * TILE_PX) high and
@@ -72,7 +70,8 @@ def augment_preview(data: str | Path, out_png: str | Path, n: int = 16, seed: in
 
     The plan is derived as for training (``overrides`` as with ``--set``, e.g.
     ``{"training.augment.rotation.p": 1.0}``); up to 8 training cases are loaded and
-    normalised, ``n`` patches sampled (foreground oversampling as in training) and augmented
+    preprocessed as the training cache does it (crop, resampling to the working resolution,
+    normalisation), ``n`` patches sampled (foreground oversampling as in training) and augmented
     with ``plan.training["augment"]``. Each tile shows the image (3D: the middle slice across
     the patch's thinnest axis) with each label class as a coloured fill and contour. The PNG
     is ``grid_shape(n)`` tiles of :data:`TILE_PX` pixels, written atomically.
@@ -81,9 +80,9 @@ def augment_preview(data: str | Path, out_png: str | Path, n: int = 16, seed: in
     from matplotlib.figure import Figure
 
     from medunet.datasets import load_case
-    from medunet.preprocessing import normalize
+    from medunet.planning import prepare_plan
+    from medunet.preprocessing.pipeline import preprocess_case
     from medunet.training.sampler import PatchSampler
-    from medunet.training.trainer import prepare_plan
 
     out_png = Path(out_png)
     if n < 1:
@@ -97,9 +96,10 @@ def augment_preview(data: str | Path, out_png: str | Path, n: int = 16, seed: in
     chosen = sorted(rng.choice(len(dataset.train), size=min(MAX_CASES, len(dataset.train)), replace=False))
     images, labels = [], []
     for i in chosen:
-        img, lab, _ = load_case(dataset.train[int(i)], dataset)
-        images.append(normalize(img, plan.normalization))
-        labels.append(lab)
+        raw, lab, geom = load_case(dataset.train[int(i)], dataset)
+        img, seg, _ = preprocess_case(raw, list(geom.spacing[-(raw.ndim - 1):]), plan, label=lab)
+        images.append(img)
+        labels.append(seg)
     sampler = PatchSampler(images, labels, plan.patch_size, n, plan.training.get("fg_oversample", 1 / 3), rng)
     x, y = sampler.sample()
     generator = torch.Generator().manual_seed(seed)
@@ -117,13 +117,6 @@ def augment_preview(data: str | Path, out_png: str | Path, n: int = 16, seed: in
         r, c = divmod(k, cols)
         ax = fig.add_axes((c / cols, 1 - (r + 1) / rows, 1 / cols, 1 / rows))
         _draw_tile(ax, xa[k], ya[k], plan.num_classes, f"#{k}")
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".preview.", suffix=".png", dir=out_png.parent)
-    os.close(fd)
-    try:
+    with atomic_file(out_png) as tmp:
         fig.savefig(tmp, dpi=_DPI, facecolor="black", format="png")
-        publish(tmp, out_png)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out_png

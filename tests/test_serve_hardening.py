@@ -33,7 +33,7 @@ from medunet.serve import create_app
 from medunet.serve.auth import RedactTokenFilter, exposure_warning, is_loopback
 from medunet.serve.uploads import MULTIPART_SLACK
 from medunet.serve.workdirs import process_start_time
-from test_serve import CHROMIUM, CHROMIUM_ARGS, ThresholdNet, live_server, needs_browser
+from test_serve import CHROMIUM, CHROMIUM_ARGS, ThresholdNet, _BlockingPredictor, live_server, needs_browser
 
 TestClient = pytest.importorskip("fastapi.testclient").TestClient
 BOUNDARY = "hardeningboundary"
@@ -213,21 +213,6 @@ def test_slow_uploads_time_out_and_free_their_slots(thr2d, tmp_path):
             for s in stalled:
                 s.close()
     assert _wait_for(lambda: _empty(work), 5)
-
-
-class _BlockingPredictor:
-    """A predictor whose predictions wait until the test releases them (no deadline checks)."""
-
-    def __init__(self, inner: Predictor) -> None:
-        self.plan = inner.plan
-        self.inner = inner
-        self.started = threading.Event()
-        self.release = threading.Event()
-
-    def predict_array(self, image, tta="none", **kwargs):
-        self.started.set()
-        assert self.release.wait(30)
-        return self.inner.predict_array(image, tta=tta, **kwargs)
 
 
 def test_job_timeout_answers_504_and_frees_the_slot(thr2d, tmp_path):

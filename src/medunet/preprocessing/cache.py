@@ -32,8 +32,7 @@ from medunet.datasets import Case, Dataset, load_case
 from medunet.errors import InputError
 from medunet.files import atomic_file
 
-if TYPE_CHECKING:
-    from medunet.planning import Plan
+if TYPE_CHECKING:  # planning sits above preprocessing: ``plan`` is a medunet.planning.Plan
     from medunet.preprocessing.pipeline import PreprocessInfo
 
 CACHE_VERSION = 1
@@ -63,7 +62,7 @@ class CachedCase:
         return PreprocessInfo.from_dict(self.info)
 
 
-def plan_hash(plan: Plan) -> str:
+def plan_hash(plan) -> str:
     """A short hash of the plan fields that affect preprocessing (and the cache format)."""
     key = {k: getattr(plan, k) for k in PLAN_KEYS}
     key["cache_version"] = CACHE_VERSION
@@ -129,7 +128,7 @@ def _npy_shape(path: Path, dtype: type) -> tuple[int, ...] | None:
     return tuple(int(n) for n in shape)
 
 
-def _process(case: Case, dataset: Dataset, plan: Plan, cache_dir: Path, expected: dict) -> CachedCase:
+def _process(case: Case, dataset: Dataset, plan, cache_dir: Path, expected: dict) -> CachedCase:
     """Load, preprocess and write one case (runs in a worker process when workers > 1)."""
     from medunet.preprocessing.pipeline import preprocess_case
 
@@ -172,7 +171,7 @@ def _select(dataset: Dataset, case_ids: Sequence[str] | None) -> list[Case]:
     return [by_id[c] for c in case_ids]
 
 
-def _run(todo: list[tuple[Case, dict]], dataset: Dataset, plan: Plan, cache_dir: Path,
+def _run(todo: list[tuple[Case, dict]], dataset: Dataset, plan, cache_dir: Path,
          workers: int, tick: Callable[[], None]) -> Iterable[CachedCase]:
     if workers <= 1 or len(todo) <= 1:
         for case, expected in todo:
@@ -194,7 +193,7 @@ def _run(todo: list[tuple[Case, dict]], dataset: Dataset, plan: Plan, cache_dir:
             raise
 
 
-def preprocess_dataset(dataset: Dataset, plan: Plan, cache_dir: str | Path,
+def preprocess_dataset(dataset: Dataset, plan, cache_dir: str | Path,
                        case_ids: Sequence[str] | None = None, workers: int = 2,
                        progress: bool = True) -> dict[str, CachedCase]:
     """Preprocess cases into ``cache_dir`` (reusing up-to-date ones); returns them by case id.

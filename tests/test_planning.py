@@ -393,3 +393,16 @@ def test_old_plan_json_loads_and_behaves_as_before(tmp_path):
     assert all(m.kernel_size == (3, 3, 3) for m in net.modules()
                if isinstance(m, torch.nn.Conv3d) and m.kernel_size != (1, 1, 1))
     assert plan.override({"preprocessing.crop_nonzero": True}).preprocessing == {"crop_nonzero": True}
+
+
+def test_reasons_follow_the_values(tmp_path) -> None:
+    """The value-describing reasons are written from the values: --set changes them too."""
+    make_synthetic_dataset(tmp_path / "d", n_train=3, n_test=0, shape=(40, 72))
+    plan = _plan(tmp_path / "d")
+    assert "lr 0.003" in plan.reasons["training"] and "measured best" in plan.reasons["training"]
+    changed = plan.override({"training.lr": 1e-3, "training.patience": 4, "inference.tta": "flip"})
+    assert "lr 0.001" in changed.reasons["training"] and "lr 0.003" not in changed.reasons["training"]
+    assert "changed from the measured default: lr" in changed.reasons["training"]
+    assert "after 4 validations" in changed.reasons["training"]
+    assert "mirroring" in changed.reasons["inference.tta"]
+    assert changed.reasons["training.lr"] == "set by the user"

@@ -195,7 +195,53 @@ class Plan:
                 target = target[p]
             target[parts[-1]] = value
             d.setdefault("reasons", {})[key] = "set by the user"
+        d["reasons"].update(value_reasons(d.get("training") or {}, d.get("inference") or {}))
         return Plan.from_dict(d)
+
+
+# What the planner sets for training: the schedule measured best for short CPU runs
+# (BENCHMARKS.md). value_reasons compares a plan against these to say what was changed.
+DEFAULT_SCHEDULE = {"loss": "dice_ce", "optimizer": "adamw", "schedule": "cosine", "lr": 3e-3,
+                    "min_lr": 1e-6}
+_LOSS_NAMES = {"dice_ce": "Dice+CE", "dice": "Dice", "ce": "cross-entropy"}
+
+
+def value_reasons(training: dict, inference: dict) -> dict[str, str]:
+    """The ``reasons`` texts that describe setting values, written from the values themselves so
+    they cannot go stale when ``--set`` or a plan file changes them (the planner and
+    :meth:`Plan.override` both call this)."""
+    t = training
+    out: dict[str, str] = {}
+    if t:
+        sched = t.get("schedule", "cosine")
+        text = (f"{_LOSS_NAMES.get(t.get('loss', 'dice_ce'), t.get('loss'))}; "
+                f"{t.get('optimizer', 'adamw')}, lr {t.get('lr', 3e-3):g}"
+                + (f" with {100 * t['warmup_fraction']:g}% warm-up" if t.get("warmup_fraction") else "")
+                + (", constant" if sched == "constant" else f" and {sched} decay"
+                   + (f" to {t['min_lr']:g}" if "min_lr" in t else "")))
+        changed = [k for k, v in DEFAULT_SCHEDULE.items() if k in t and t[k] != v]
+        text += (f" (changed from the measured default: {', '.join(changed)})" if changed
+                 else " (measured best for short CPU runs, see BENCHMARKS.md)")
+        if t.get("ema"):
+            every = t.get("ema_every", 1)
+            text += (f"; EMA of the weights ({t['ema']:g}, folded in "
+                     + ("every step" if every == 1 else f"every {every} steps") + ") is validated and saved")
+        if t.get("patience"):
+            text += (f"; early stop after {t['patience']} validations without a better Dice once "
+                     f"{100 * t.get('patience_after', 0):g}% of the run is done")
+        if "fg_oversample" in t:
+            text += f"; {100 * t['fg_oversample']:.0f}% of patches centred on foreground"
+        out["training"] = text
+    tta = inference.get("tta")
+    if tta is not None:
+        out["inference.tta"] = (
+            "mirroring TTA (every combination of axis flips; the 3D default: +1 Dice point on a Left "
+            "Atrium volume, still > 10x faster than nnU-Net's default prediction, BENCHMARKS.md)"
+            if tta == "flip"
+            else f"TTA '{tta}'" if tta != "none"
+            else "no TTA (in 2D flip gains ~0.4-1.4 Dice points for 3x the time, BENCHMARKS.md); "
+            "predict --tta flip to use it")
+    return out
 
 
 # The settings each typed section of a plan may hold; the plan a planner writes holds a subset
@@ -759,16 +805,10 @@ def make_plan(dataset: Dataset, fingerprint: dict, preset: str = "default", *, c
         "val_min_cases": 5,
         "augment": default_augmentation(dim, patch),
     }
-    reasons["inference.tta"] = (
-        "mirroring TTA by default for 3D (8 passes; +1 Dice point on a Left Atrium volume, still > 10x "
-        "faster than nnU-Net's default prediction, BENCHMARKS.md)" if default_tta(dim, chosen) == "flip"
-        else "no TTA by default in 2D (flip gains ~0.4 Dice points for 3x the time, BENCHMARKS.md); "
-        "predict --tta flip to use it")
-    reasons["training"] = (f"Dice+CE; AdamW, lr 3e-3 with warm-up and cosine decay to 1e-6 (measured "
-                           f"best for short CPU runs, see BENCHMARKS.md); EMA of the weights (0.99, "
-                           f"folded in every 4th step) is validated and saved; early stop after 15 "
-                           f"validations without a better Dice once half the run is done; 1/3 of "
-                           f"patches centred on foreground (foreground: {100 * fg_fraction:.1f}%)")
+    reasons["training.fg_oversample"] = (f"share of patches centred on foreground (foreground: "
+                                         f"{100 * fg_fraction:.1f}% of the voxels)")
+    inference = {"overlap": 0.5, "sigma_scale": 0.125, "tta": default_tta(dim, chosen)}
+    reasons.update(value_reasons(training, inference))
     return Plan(
         dataset_name=dataset.name,
         dim=dim,
@@ -783,7 +823,7 @@ def make_plan(dataset: Dataset, fingerprint: dict, preset: str = "default", *, c
         batch_size=batch,
         network=net,
         training=training,
-        inference={"overlap": 0.5, "sigma_scale": 0.125, "tta": default_tta(dim, chosen)},
+        inference=inference,
         reasons=reasons,
         preprocessing=preprocessing,
         configuration=chosen,

@@ -50,7 +50,8 @@ def test_conflict_offers_a_cascade_and_only_then(tmp_path):
     root = _organ_and_vessels(tmp_path / "d", 3)
     _, plan = prepare_plan(root)
     assert plan.resolution["conflict"] and "cascade" in plan.configurations
-    assert plan.resolution["factor"] == 1.0 and plan.resolution["lowres_factor"] == 2.0
+    # stage 1: the organ's context (~290 px) within the encoder's 140-voxel receptive field
+    assert plan.resolution["factor"] == 1.0 and plan.resolution["lowres_factor"] == 2.05
     assert "'vessel'" in plan.reasons["resolution"] and "cascade" in plan.reasons["configuration"]
     _, forced = prepare_plan(root, config="cascade")
     assert forced.configuration == "2d"  # the stages' own configuration; train() runs the cascade
@@ -71,7 +72,7 @@ def test_cascade_trains_chooses_and_predicts_at_the_input_size(tmp_path):
     assert top["configuration"] == "cascade" and top["cascade"]["use"] in ("cascade", "lowres")
     lo = json.loads((model / "lowres" / "plan.json").read_text())
     hi = json.loads((model / "fullres" / "plan.json").read_text())
-    assert lo["spacing"] == [2.0, 2.0] and hi["spacing"] == [1.0, 1.0]
+    assert lo["spacing"] == [2.05, 2.05] and hi["spacing"] == [1.0, 1.0]
     # stage 2 sees the image and one 0/1 map per foreground class, not normalised
     assert hi["in_channels"] == 3 and [n["scheme"] for n in hi["normalization"]] == ["zscore", "none", "none"]
     # both stages validated on the same cases; the comparison is recorded

@@ -83,3 +83,13 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path):
 
     r = _cli("predict", str(tmp_path / "nomodel"), str(data), "-o", str(tmp_path / "p"))
     assert r.returncode == 2 and "plan.json not found" in r.stderr
+
+
+def test_max_voxels_is_a_global_option(tmp_path):
+    """``medunet --max-voxels N COMMAND`` sets the readers' limit for any command (no env var)."""
+    data = make_synthetic_dataset(tmp_path / "d", n_train=2, n_test=0, shape=(16, 16))
+    r = _cli("--max-voxels", "100", "plan", str(data))
+    assert r.returncode == 2 and "holds 256 values, more than the limit of 100" in r.stderr
+    assert _cli("--max-voxels", "1e4", "plan", str(data)).returncode == 0
+    r = _cli("--max-voxels", "-3", "plan", str(data))
+    assert r.returncode == 2 and "positive whole number" in r.stderr

@@ -506,13 +506,15 @@ def test_oversized_headers_are_refused_before_reading(tmp_path, monkeypatch):
         read_image(tmp_path / "c.png")
     monkeypatch.setattr(io_image, "MAX_VOXELS", 2999)
     with pytest.raises(InputError, match=r"s.tif: image of shape \(5, 30, 20\) holds 3,000 values, more than "
-                                         r"the limit of 2,999 .* raise the limit \(MEDUNET_MAX_VOXELS\)"):
+                                         r"the limit of 2,999 .* raise the limit \(medunet --max-voxels N\)"):
         read_image(tmp_path / "s.tif")
-    monkeypatch.setenv("MEDUNET_MAX_VOXELS", "4000")  # the environment overrides the default
-    assert read_image(tmp_path / "c.png")[0].shape == (3, 40, 30)
-    monkeypatch.setenv("MEDUNET_MAX_VOXELS", "lots")
-    with pytest.raises(InputError, match="MEDUNET_MAX_VOXELS='lots' is not a positive number"):
+    monkeypatch.setenv("MEDUNET_MAX_VOXELS", "4000")  # no environment variable changes the limit
+    with pytest.raises(InputError, match="holds 3,600 values"):
         read_image(tmp_path / "c.png")
+    io_image.set_max_voxels(4000)
+    assert read_image(tmp_path / "c.png")[0].shape == (3, 40, 30)
+    with pytest.raises(InputError, match="the voxel limit must be a positive whole number"):
+        io_image.set_max_voxels(0)
 
 
 def test_nonpositive_or_nonfinite_spacing_is_refused(tmp_path):
@@ -689,11 +691,11 @@ def test_dicom_series_is_bounded_by_its_headers(tmp_path: Path, monkeypatch: pyt
                                          r"of one"):
         read_dicom_series(tmp_path / "ok")
     monkeypatch.undo()
-    monkeypatch.setenv("MEDUNET_MAX_VOXELS", "143")  # 6 x 8 x 3 = 144 values
+    monkeypatch.setattr(io_image, "MAX_VOXELS", 143)  # 6 x 8 x 3 = 144 values
     with pytest.raises(InputError, match=r"ok: image of shape \(1, 6, 8, 3\) holds 144 values, more than the "
                                          r"limit of 143"):
         read_dicom_series(tmp_path / "ok")
-    monkeypatch.delenv("MEDUNET_MAX_VOXELS")
+    monkeypatch.undo()
 
     def tampered(folder: str, index: int, n: int = 3, **fields) -> Path:
         paths = write_dicom_series(tmp_path / folder, vol[:n])

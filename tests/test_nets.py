@@ -374,3 +374,26 @@ def test_default_kernels_build_the_same_nets_as_before(dims, preset, kwargs, cou
 def test_bad_kernel_sizes(kernels, pattern) -> None:
     with pytest.raises(ValueError, match=pattern):
         UNet(3, 1, 2, features=(4, 8, 16), kernel_sizes=kernels)
+
+
+@pytest.mark.parametrize(("levels", "n_convs"), [(4, 2), (2, 1), (3, 3)])
+def test_encoder_receptive_field_matches_the_gradient(levels: int, n_convs: int) -> None:
+    """The planner's receptive field equals the input extent that moves one bottleneck voxel."""
+    from medunet.nets import encoder_receptive_field
+
+    net = UNet(2, 1, 2, features=[2] * (levels + 1), n_convs=n_convs, norm="none", act="relu",
+               down="conv")
+    for p in net.parameters():  # positive weights: no gradient cancels inside the field
+        nn.init.constant_(p, 0.1)
+    size = 2 ** levels * 24
+    x = torch.zeros(1, 1, size, size, requires_grad=True)
+    h = x + 1.0
+    for level, enc in enumerate(net.encoders):
+        h = enc(h)
+        if level < levels:
+            h = net.downs[level](h)
+    c = h.shape[-1] // 2
+    h[0, 0, c, c].backward()
+    rows = torch.nonzero(x.grad[0, 0].abs().sum(1))
+    assert int(rows.max() - rows.min() + 1) == encoder_receptive_field(levels, n_convs)
+    assert encoder_receptive_field(4) == 140  # the default preset

@@ -74,6 +74,23 @@ def test_working_factor_rules():
     assert wr.axes == [0, 1] and wr.factor == pytest.approx(4.2, abs=0.05)
 
 
+def test_receptive_field_coarsens_beyond_fitting_the_case():
+    # context 600 voxels, an encoder that sees 100: coarsen until the context fits it (6x),
+    # past the 4x at which the case fits the patch
+    wr = working_factor([_scale(200, 600)], (1.0, 1.0), (1000, 1000), 250 * 250, [0, 1], ["lesion"],
+                        receptive_field=100)
+    assert wr.factor == 6.0 and wr.field_factor == pytest.approx(6.0)
+    assert "receptive field (100 voxels)" in wr.reason and not wr.conflict
+    # a receptive field larger than the objects changes nothing
+    wr = working_factor([_scale(200, 600)], (1.0, 1.0), (1000, 1000), 250 * 250, [0, 1], ["lesion"],
+                        receptive_field=800)
+    assert wr.factor == 4.0 and "fits the patch whole" in wr.reason
+    # thin structures still cap it (12 across, 4 voxels needed: 3x), and the conflict is reported
+    wr = working_factor([_scale(200, 600), _scale(12, 40)], (1.0, 1.0), (1000, 1000), 250 * 250, [0, 1],
+                        ["organ", "vessel"], receptive_field=100)
+    assert wr.factor == 3.0 and wr.conflict and wr.lowres_factor == 6.0 and "'vessel' keeps" in wr.reason
+
+
 def _dataset(root, n, shape, draw, seed=0):
     rng = np.random.default_rng(seed)
     for i in range(n):
@@ -121,6 +138,9 @@ def test_large_objects_get_a_coarser_working_resolution(tmp_path):
     # the measured scales are recorded in the plan
     (scale,) = plan.resolution["scales"]
     assert scale["context"] > 200 and scale["thickness"] > 50
+    # the default encoder sees 140 voxels: the blobs' context is brought within it
+    assert plan.resolution["receptive_field"] == 140
+    assert scale["context"] / plan.spacing[0] <= 140 * 1.05
 
 
 def test_thin_structures_keep_their_resolution(tmp_path):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
+from medunet.io import image as io_image
 from medunet.planning import Plan
 from medunet.preprocessing.crop import crop, is_full, nonzero_bbox, uncrop
 from medunet.preprocessing.pipeline import (
@@ -233,7 +234,7 @@ def test_output_grid_above_the_voxel_limit_is_refused_before_allocating(monkeypa
         "resampling from spacing (250.0, 250.0, 250.0) to (1.0, 1.0, 1.0) would make a grid of "
         "2000x2000x2000 (8,000,000,000 values), more than the limit of 1,073,741,824 — check the voxel "
         "spacing in the image's header (a wrong unit or a typo is the usual cause), or raise the limit "
-        "(MEDUNET_MAX_VOXELS) on a machine with the memory")
+        "(medunet --max-voxels N) on a machine with the memory")
     assert err.value.exit_code == 2
     with pytest.raises(InputError, match=r"grid of 2000x2000x2000 \(8,000,000,000 values\)"):
         resample_label(np.zeros((8, 8, 8), np.uint8), (250.0,) * 3, (1.0,) * 3, mode="linear")
@@ -244,10 +245,10 @@ def test_output_grid_above_the_voxel_limit_is_refused_before_allocating(monkeypa
     plan = _plan([1.0, 1.0, 1.0], {"resample": True})  # the pipeline the cache and the Predictor run
     with pytest.raises(InputError, match="would make a grid of 2000x2000x2000"):
         preprocess_case(image, [250.0, 250.0, 250.0], plan)
-    monkeypatch.setenv("MEDUNET_MAX_VOXELS", str(2 * 10 * 12 * 5 - 1))  # channels count too
+    monkeypatch.setattr(io_image, "MAX_VOXELS", 2 * 10 * 12 * 5 - 1)  # channels count too
     with pytest.raises(InputError, match=r"grid of 10x12x5 x 2 channels \(1,200 values\), more than the "
                                          r"limit of 1,199"):
         resample_image(np.zeros((2, 5, 6, 5), np.float32), (1, 1, 1), (0.5, 0.5, 1))
-    monkeypatch.setenv("MEDUNET_MAX_VOXELS", str(2 * 10 * 12 * 5))
+    monkeypatch.setattr(io_image, "MAX_VOXELS", 2 * 10 * 12 * 5)
     out = resample_image(np.zeros((2, 5, 6, 5), np.float32), (1, 1, 1), (0.5, 0.5, 1))
     assert out.shape == (2, 10, 12, 5)

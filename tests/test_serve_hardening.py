@@ -430,7 +430,6 @@ def test_run_warns_sets_the_voxel_limit_and_passes_options(monkeypatch, tmp_path
     import medunet.io.image as image_io
 
     monkeypatch.setattr(image_io, "MAX_VOXELS", image_io.MAX_VOXELS)  # restored after the test
-    monkeypatch.delenv("MEDUNET_MAX_VOXELS", raising=False)
     monkeypatch.setattr(medunet.inference.Predictor, "load", classmethod(lambda cls, *a, **k: thr2d))
     served: dict = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
@@ -506,7 +505,6 @@ def test_1000_hostile_requests_leave_memory_flat(thr2d, tmp_path, monkeypatch):
 
     margin = 16 * 2**20
     monkeypatch.setattr(image_io, "MAX_VOXELS", 1_000_000)  # tampered headers claim more than this
-    monkeypatch.delenv("MEDUNET_MAX_VOXELS", raising=False)
     work = tmp_path / "work"
     app = create_app(thr2d, tmp_dir=work, max_upload_mb=0.05, token=TOKEN, upload_timeout=10, job_timeout=20)
     auth = {"Authorization": f"Bearer {TOKEN}"}

@@ -22,6 +22,19 @@ out = Console()
 err = Console(stderr=True)
 
 
+@app.callback()
+def _global(
+    max_voxels: float | None = typer.Option(
+        None, "--max-voxels", help="largest image any command reads, in voxels x channels (default "
+                                   "1024^3); before the command: medunet --max-voxels 2e9 predict ..."),
+) -> None:
+    """Options for every command."""
+    if max_voxels is not None:
+        from medunet.io.image import set_max_voxels
+
+        set_max_voxels(int(max_voxels) if max_voxels == int(max_voxels) else max_voxels)
+
+
 def _parse_value(text: str) -> object:
     try:
         return json.loads(text)

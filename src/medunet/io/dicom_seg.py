@@ -18,15 +18,13 @@ Empty frames are omitted (highdicom's default): ``NumberOfFrames`` is the number
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from medunet.errors import InputError
-from medunet.files import publish
+from medunet.files import atomic_file
 
 __all__ = ["write_dicom_seg"]
 
@@ -113,16 +111,10 @@ def write_dicom_seg(labels: np.ndarray, source_files: Sequence[str | Path], out_
     except Exception as exc:  # highdicom validates the sources; say which series is unfit
         raise InputError(f"cannot build a DICOM-SEG ({type(exc).__name__}: {exc})".replace("\n", " "),
                          files[0].parent, "write the NIfTI output only (--no-dicom-seg)") from exc
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
     try:
-        seg.save_as(tmp)
-        publish(tmp, out_path)
+        with atomic_file(out_path) as tmp:
+            seg.save_as(tmp)
     except OSError as exc:
         raise InputError(f"cannot write DICOM-SEG ({exc.strerror or exc})", out_path) from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out_path
 

@@ -30,8 +30,8 @@ IMAGE_SUFFIXES = NIFTI_SUFFIXES + NATURAL_SUFFIXES + TIFF_SUFFIXES + ITK_SUFFIXE
 # The most values (voxels x channels) a file may hold. Readers check the header's size against it
 # before reading the data, so a damaged header or a decompression bomb fails with a message
 # instead of an out-of-memory kill. 1024**3 (4 GiB as float32) is well above clinical volumes
-# (a whole-body CT of 512 x 512 x 2000 is 0.5 G). Raise it by setting this variable or, for the
-# command line, the environment variable MEDUNET_MAX_VOXELS.
+# (a whole-body CT of 512 x 512 x 2000 is 0.5 G). Raise it with set_max_voxels (the command
+# line: medunet --max-voxels N COMMAND); no environment variable changes it (DESIGN.md).
 MAX_VOXELS = 1024**3
 
 # Deflate (gzip, zlib: compressed NIfTI, NRRD, MHA, PNG) cannot expand data more than ~1032:1 (a
@@ -138,17 +138,8 @@ def all_finite(image: np.ndarray) -> bool:
 
 
 def max_voxels() -> int:
-    """The voxel limit in force: ``MEDUNET_MAX_VOXELS`` when set, else :data:`MAX_VOXELS`."""
-    env = os.environ.get("MEDUNET_MAX_VOXELS", "").strip()
-    if not env:
-        return int(MAX_VOXELS)
-    try:
-        value = int(float(env))
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise InputError(f"MEDUNET_MAX_VOXELS={env!r} is not a positive number", fix="e.g. 2e9, or unset it")
-    return value
+    """The voxel limit in force (:data:`MAX_VOXELS`, or what :func:`set_max_voxels` set)."""
+    return int(MAX_VOXELS)
 
 
 def set_max_voxels(limit: int) -> None:
@@ -169,8 +160,8 @@ def _check_header(path: Path, shape: tuple[int, ...], spacing: tuple[float, ...]
     if n > limit:
         raise InputError(f"image of shape {tuple(int(d) for d in shape)} holds {n:,} values, more than the "
                          f"limit of {limit:,}", path,
-                         "crop or downsample it, or raise the limit (MEDUNET_MAX_VOXELS) on a machine with "
-                         "the memory")
+                         "crop or downsample it, or raise the limit (medunet --max-voxels N) on a machine "
+                         "with the memory")
     sp = np.asarray(spacing, dtype=np.float64)
     if sp.size and not (np.isfinite(sp).all() and (sp > 0).all()):
         raise InputError(f"voxel spacing {tuple(sp.tolist())} is not positive and finite", path,

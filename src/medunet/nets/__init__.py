@@ -1,5 +1,5 @@
 """The U-Net family: one dimension-agnostic builder with presets."""
 
-from medunet.nets.unet import PRESETS, UNet, build_network
+from medunet.nets.unet import PRESETS, UNet, build_network, encoder_receptive_field
 
-__all__ = ["PRESETS", "UNet", "build_network"]
+__all__ = ["PRESETS", "UNet", "build_network", "encoder_receptive_field"]

@@ -262,6 +262,22 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def encoder_receptive_field(levels: int, n_convs: int = 2, kernel: int = 3, stride: int = 2) -> int:
+    """Voxels along one axis that one bottleneck voxel of the U-Net sees (``levels``
+    down-samplings, ``n_convs`` convolutions of ``kernel`` per level, pooling by ``stride``).
+
+    The planner compares it with the objects' size: a network whose encoder cannot see a whole
+    object with its border has to guess the object from texture. 140 for the default preset.
+    """
+    rf, jump = 1, 1
+    for level in range(levels + 1):
+        rf += n_convs * (kernel - 1) * jump
+        if level < levels:
+            rf += (stride - 1) * jump
+            jump *= stride
+    return rf
+
+
 def build_network(spatial_dims: int, in_channels: int, out_channels: int,
                   preset: str = "default", **overrides) -> UNet:
     """Build a U-Net from a preset name plus overrides (any :class:`UNet` argument)."""

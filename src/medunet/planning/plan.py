@@ -466,7 +466,8 @@ def _target_spacing(fp: dict, dim: int) -> tuple[np.ndarray, int | None, str]:
 def _working_resolution(fp: dict, dim: int, target: np.ndarray, thick: int | None,
                         slice_axis: int | None, crop: bool, patch_voxels: int,
                         label_names: Sequence[str], spacing: Sequence[float] | None,
-                        factor: float | None) -> tuple[np.ndarray, dict, str]:
+                        factor: float | None, receptive_field: int | None = None
+                        ) -> tuple[np.ndarray, dict, str]:
     """The target spacing coarsened where objects need context (:mod:`medunet.planning.scale`).
 
     Only in-plane axes are coarsened for anisotropic data and for the slice-wise ``2d``
@@ -485,7 +486,8 @@ def _working_resolution(fp: dict, dim: int, target: np.ndarray, thick: int | Non
     if slice_axis is not None:
         median[slice_axis] = 1  # one-slice patches: the slice axis takes none of the budget
     scales = fp.get("scales") or []
-    wr = working_factor(scales, target, median.tolist(), patch_voxels, axes, list(label_names)[1:])
+    wr = working_factor(scales, target, median.tolist(), patch_voxels, axes, list(label_names)[1:],
+                        receptive_field)
     chosen, why = wr.factor, wr.reason
     if factor is not None:
         if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
@@ -500,7 +502,8 @@ def _working_resolution(fp: dict, dim: int, target: np.ndarray, thick: int | Non
         out[axes] = np.minimum(out[axes], target[thick])
     record = {"factor": chosen, "axes": axes, "lowres_factor": wr.lowres_factor,
               "context_factor": round(wr.context_factor, 3),
-              "fit_factor": round(wr.fit_factor, 3),
+              "fit_factor": round(wr.fit_factor, 3), "field_factor": round(wr.field_factor, 3),
+              "receptive_field": receptive_field,
               "thin_factor": round(wr.thin_factor, 3) if math.isfinite(wr.thin_factor) else None,
               "conflict": wr.conflict, "scales": scales}
     return out, record, why
@@ -649,7 +652,7 @@ def make_plan(dataset: Dataset, fingerprint: dict, preset: str = "default", *, c
         resolution_factor: the coarsening factor of the working resolution instead of the one
             derived from the labels' scales (``--set resolution.factor=1``: the data's own).
     """
-    from medunet.nets import PRESETS
+    from medunet.nets import PRESETS, encoder_receptive_field
 
     dim = len(fingerprint["median_shape"])
     if preset not in PRESETS:
@@ -700,7 +703,8 @@ def make_plan(dataset: Dataset, fingerprint: dict, preset: str = "default", *, c
     # working resolution: coarser than the data where large objects need context (planning.scale)
     target, resolution, reasons["resolution"] = _working_resolution(
         fingerprint, dim, target, thick, slice_axis, crop, max_voxels, dataset.label_names,
-        spacing, resolution_factor)
+        spacing, resolution_factor,
+        encoder_receptive_field(len(PRESETS[preset]["features"]) - 1, PRESETS[preset]["n_convs"]))
 
     if resolution.get("conflict") and resolution.get("set_by") != "user":
         offered = [*offered, "cascade"]

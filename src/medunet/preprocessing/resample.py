@@ -76,7 +76,7 @@ def check_output_size(shape: Sequence[int], channels: int = 1, spacing_from: Seq
     raise InputError(f"resampling{frm} would make a grid of {grid}{per} ({n:,} values), more than the "
                      f"limit of {limit:,}", path,
                      "check the voxel spacing in the image's header (a wrong unit or a typo is the usual "
-                     "cause), or raise the limit (MEDUNET_MAX_VOXELS) on a machine with the memory")
+                     "cause), or raise the limit (medunet --max-voxels N) on a machine with the memory")
 
 
 def _nearest_index(n_in: int, n_out: int) -> np.ndarray:

@@ -73,7 +73,8 @@ def budget_args(ap: argparse.ArgumentParser, work: str) -> None:
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="plan override key=value (as for medunet train --set)")
-    ap.add_argument("--tta", default="none", help="test-time augmentation for the test cases")
+    ap.add_argument("--tta", default="auto", help="test-time augmentation for the test cases (auto: the "
+                                                   "plan's, which training chooses on the validation cases)")
     ap.add_argument("--seed", type=int, default=0)
 
 
@@ -96,8 +97,10 @@ def train_and_predict(dataset: Path, args: argparse.Namespace, save_probabilitie
         shutil.rmtree(args.work)
     model, preds = args.work / "model", args.work / "predictions"
     t0 = time.perf_counter()
+    # report=True: the validation report and the choices it makes (TTA, post-processing), as
+    # `medunet train` does for a user
     res = train(dataset, model, time_budget=args.budget, seed=args.seed,
-                overrides=parse_overrides(args.overrides), progress=False, report=False)
+                overrides=parse_overrides(args.overrides), progress=False, report=True)
     t_train = time.perf_counter() - t0
     predictor = Predictor.load(model)
     n_test = len(list((dataset / "imagesTs").iterdir()))
@@ -109,6 +112,9 @@ def train_and_predict(dataset: Path, args: argparse.Namespace, save_probabilitie
         "budget": args.budget,
         "overrides": args.overrides,
         "tta": args.tta,
+        "tta_used": predictor.plan.inference.get("tta") if args.tta == "auto" else args.tta,
+        "tta_choice": predictor.plan.inference.get("tta_choice"),
+        "postprocessing": (predictor.plan.inference.get("postprocessing") or {}).get("classes"),
         "train_seconds": round(t_train, 1),
         "epochs": res.epochs,
         "iterations": res.iterations,

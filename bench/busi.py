@@ -60,15 +60,16 @@ def main(argv: list[str] | None = None) -> dict:
     run = train_and_predict(ds, args)
     scores = peer_eval(run["predictions"], ds / "labelsTs")
     pooled, mean = scores["pooled"], scores["mean"]
-    flip = {}
-    if args.tta != "flip":  # mirroring's gain on large objects, measured on the same model
-        from medunet.inference import Predictor
+    # the other TTA on the same model: what the validation-chosen one gained or lost on the test set
+    used = run["facts"]["tta_used"]
+    other = "none" if used == "flip" else "flip"
+    from medunet.inference import Predictor
 
-        flipped = run["predictions"].with_name("predictions_flip")
-        Predictor.load(run["model"]).predict(ds / "imagesTs", flipped, progress=False, tta="flip")
-        fs = peer_eval(flipped, ds / "labelsTs")
-        flip = {"test_dice_mean_flip_tta": fs["mean"].get("dice"),
-                "test_dice_pooled_flip_tta": fs["pooled"].get("dice")}
+    alt = run["predictions"].with_name(f"predictions_{other}")
+    Predictor.load(run["model"]).predict(ds / "imagesTs", alt, progress=False, tta=other)
+    fs = peer_eval(alt, ds / "labelsTs")
+    flip = {f"test_dice_mean_tta_{other}": fs["mean"].get("dice"),
+            f"test_dice_pooled_tta_{other}": fs["pooled"].get("dice")}
     result = {
         "benchmark": "busi",
         **run["facts"],

@@ -615,3 +615,16 @@ def test_worker_processes_write_the_same_labels(tmp_path):
     assert pred.last_run["workers"] == 2
     for a, b in zip(one, two, strict=True):
         np.testing.assert_array_equal(read_image(a)[0], read_image(b)[0])
+
+
+def test_mean_dice_for_the_tta_choice():
+    """Per class, the mean over cases (both empty scores 1); then the mean over classes."""
+    from medunet.inference.tta import mean_dice
+
+    ref = np.array([[0, 1, 1, 2]])
+    pred = np.array([[0, 1, 0, 2]])
+    # class 1: 2*1/(1+2) = 2/3 in case 1, case 2 has no 1 anywhere -> 1; class 2: 1 and 0
+    empty = np.zeros((1, 4), int)
+    twos = np.array([[2, 0, 0, 0]])
+    got = mean_dice([pred, twos], [ref, empty], [0, 1, 2])
+    assert got == pytest.approx(((2 / 3 + 1) / 2 + (1 + 0) / 2) / 2)

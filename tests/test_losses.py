@@ -24,13 +24,7 @@ from medunet.training.losses import (
 log = math.log
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: thread hand-offs cost more than the maths on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.one_thread)
 
 # The shared tiny example: 1 image, 2 classes, 2x2 pixels. Background logit 0, foreground logit
 # logit(p), so the softmax foreground probabilities are exactly P (row-major) and the target is T.

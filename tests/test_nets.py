@@ -14,15 +14,7 @@ from torch import nn
 
 from medunet.nets import PRESETS, UNet, build_network
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These nets are tiny: one intra-op thread is faster than several fighting over a shared
-    CPU (with other processes busy, OpenMP threads spin and the tests run ~10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.one_thread)
 
 
 _BUILT: dict[tuple[type, int], UNet] = {}  # built once per variant and seed, copied per test

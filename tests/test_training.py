@@ -235,6 +235,12 @@ def test_train_writes_model_dir_and_resumes(tiny_data, tmp_path):
     scores = json.loads((model / "validation" / "scores.json").read_text())
     split = json.loads((model / "splits.json").read_text())
     assert [c["case"] for c in scores["cases"]] == split["val"]
+    # test-time mirroring was tried on the validation cases and kept only for a real gain
+    inference = json.loads((model / "plan.json").read_text())["inference"]
+    choice = inference["tta_choice"]
+    assert choice["cases"] == 1 and choice["min_gain"] == 0.005
+    assert inference["tta"] == ("flip" if choice["flip"] - choice["none"] >= 0.005 else "none")
+    assert not [p for p in (model / "validation").iterdir() if p.name.startswith(".tta")]
     split = json.loads((model / "splits.json").read_text())
     assert len(split["val"]) == 1 and len(split["train"]) == 4
     rows = list(csv.DictReader((model / "log.csv").open()))
@@ -404,16 +410,22 @@ def test_compile_trains_and_saves_plain_weights(tiny_data, tmp_path):
     load_network(tmp_path / "m")
 
 
-def test_training_on_cpu_flushes_denormals(tiny_data, tmp_path):
+def test_training_on_cpu_flushes_denormals(tiny_data, tmp_path, monkeypatch):
     """Denormal floats (late-training gradients and moments) are ~20 % of a CPU step's time
-    unless flushed; train() turns flushing on for the process."""
-    torch.set_flush_denormal(False)  # earlier tests' train() calls turned it on
-    tiny = torch.tensor([1e-40], dtype=torch.float32)
-    assert (tiny * 1.0).item() != 0.0
+    unless flushed; train() flushes them during its steps and gives the caller its mode back."""
+    from medunet.runtime import denormals_flushed
+    from medunet.training.loop import SupervisedMode
+
+    torch.set_flush_denormal(False)
+    seen: list[bool] = []
+    step = SupervisedMode.step
+    monkeypatch.setattr(SupervisedMode, "step", lambda self, *a: (seen.append(denormals_flushed()),
+                                                                  step(self, *a))[1])
     train(tiny_data, tmp_path / "m", epochs=1, device="cpu", progress=False, report=False,
           overrides={"training.iterations_per_epoch": 1, "patch_size": [16, 16]})
-    assert (tiny * 1.0).item() == 0.0
-    assert torch.tensor([1e-40], dtype=torch.float32).item() == 0.0
+    assert seen == [True]
+    assert not denormals_flushed()  # restored: numpy and torch arithmetic after train() as before
+    assert torch.tensor([1e-40], dtype=torch.float32).item() != 0.0
 
 
 def test_subset_validation_logs_share_and_chooses_on_the_full_set(tmp_path):

@@ -116,7 +116,9 @@ def plan(
          "; ".join(v for k, v in p.reasons.items() if k.startswith("preprocessing."))),
         ("patch_size", p.patch_size, p.reasons.get("patch_size", "")),
         ("batch_size", p.batch_size, p.reasons.get("batch_size", "")),
-        ("network", f"{p.network['preset']} {p.network['features']}", p.reasons.get("network", "")),
+        ("network", f"{p.network.get('arch') or 'unet'}, preset {p.network['preset']} "
+                    f"{p.network['features']}",
+         "; ".join(r for r in (p.reasons.get("network.arch"), p.reasons.get("network", "")) if r)),
         ("normalization", ", ".join(n["scheme"] for n in p.normalization),
          p.reasons.get("normalization", "")),
         ("training", f"{p.training['loss']}, lr {p.training['lr']}", p.reasons.get("training", "")),
@@ -158,6 +160,9 @@ def train(
     precision: str = typer.Option("auto", help="auto, fp32, bf16, fp16"),
     seed: int = typer.Option(0, help="random seed (split, sampling, augmentation)"),
     preset: str = typer.Option("default", help="network preset: default, classic, large"),
+    arch: str | None = typer.Option(None, help="network variant (see 'medunet archs'): unet (default), "
+                                    "classic, resenc, attention, cbam, scse, unetpp, transunet, mednext; "
+                                    "the same as --set network.arch=NAME"),
     fold: str | None = typer.Option(None, help="train one cross-validation fold (0..N-1) or 'all' "
                                     "into OUTPUT/fold_<k>/; folds are kept in OUTPUT/splits.json"),
     folds: int | None = typer.Option(None, help="train every fold of an N-fold cross-validation "
@@ -181,12 +186,22 @@ def train(
                                 help="score the validation cases and write validation/report.html"),
     nproc: int = typer.Option(1, help="data-parallel processes (torch.distributed: Gloo on a CPU, NCCL "
                               "on GPUs); the same as torchrun --nproc-per-node N -m medunet train ..."),
+    unlabeled: str | None = typer.Option(
+        None, "--unlabeled", metavar="[DIR]",
+        help="semi-supervised: unlabelled images in DIR (laid out like imagesTr), or, given alone, the "
+             "images in imagesTr without a label"),
+    semi: str | None = typer.Option(None, help="semi-supervised method: mean-teacher (default), uamt, "
+                                    "cps, bcp, pseudo (settings: --set training.semi.KEY=VALUE)"),
+    pseudo_threshold: float | None = typer.Option(None, help="--semi pseudo: probability above which a "
+                                                  "prediction becomes a target (default 0.9)"),
     quiet: bool = typer.Option(False, help="no progress display"),
 ) -> None:
     """Train a U-Net on DATA and write a self-describing model directory."""
     from medunet.training import train as run_train
     from medunet.training.trainer import train_folds
 
+    if nproc > 1 and (unlabeled is not None or semi is not None):
+        raise InputError("semi-supervised training runs in one process", fix="drop --nproc")
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         raise typer.Exit(_torchrun(nproc))
     if nproc < 1:
@@ -195,10 +210,14 @@ def train(
     shortcuts = {"loss": loss, "optimizer": optimizer, "schedule": schedule, "lr": lr, "ema": ema,
                  "patience": patience}
     overrides.update({f"training.{k}": v for k, v in shortcuts.items() if v is not None})
+    if arch is not None:
+        overrides["network.arch"] = arch
     kwargs = dict(epochs=epochs, time_budget=time_budget, device=device, precision=precision, seed=seed,
                   preset=preset, overrides=overrides, progress=not quiet, report=report,
                   tensorboard=tensorboard, compile=compile_,
-                  plan_options=plan_options(config, ct_window, window))
+                  plan_options=plan_options(config, ct_window, window),
+                  unlabeled=None if unlabeled is None else (True if unlabeled == "" else Path(unlabeled)),
+                  semi=semi, pseudo_threshold=pseudo_threshold)
     if folds is not None:
         if fold is not None:
             raise InputError("--fold and --folds exclude each other",
@@ -342,7 +361,8 @@ def distill(
     temperature: float = typer.Option(2.0, help="softens both models' outputs in the distillation term"),
     alpha: float = typer.Option(0.5, help="share of the distillation term; the rest is the plan's "
                                 "loss on the labels"),
-    init: str = typer.Option("prune", help="prune (L1-norm channel pruning of the teacher) or random"),
+    init: str = typer.Option("prune", help="prune (L1-norm channel pruning of the teacher; unet and classic "
+                             "archs) or random (any arch)"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
     precision: str = typer.Option("auto", help="auto, fp32, bf16, fp16"),
     seed: int = typer.Option(0, help="random seed (sampling, augmentation, initialisation)"),
@@ -359,6 +379,23 @@ def distill(
               f"teacher's, init {r.init_used}): validation Dice {r.student_dice:.4f} vs teacher "
               f"{r.teacher_dice:.4f}; {r.student_seconds_per_image:.3f} vs {r.teacher_seconds_per_image:.3f} "
               f"s per image ({r.speedup:.2f}x); model in {r.student_dir}")
+
+
+@app.command()
+def archs() -> None:
+    """List the network variants (--arch) with their parameter counts at the planned sizes."""
+    from rich.table import Table
+
+    from medunet.nets import arch_table
+
+    table = Table(title="network variants: medunet train --arch NAME (default preset, 1 channel, 2 classes, "
+                        "4 down-samplings; 3D with deep supervision)")
+    for col in ("arch", "2D params", "3D params", "what it is"):
+        table.add_column(col, justify="right" if "params" in col else "left")
+    for row in arch_table():
+        table.add_row(row["arch"], f"{row['params_2d'] / 1e6:.2f} M", f"{row['params_3d'] / 1e6:.2f} M",
+                      row["summary"])
+    out.print(table)
 
 
 @app.command("augment-preview")
@@ -447,10 +484,25 @@ def serve(
         upload_timeout=upload_timeout, job_timeout=job_timeout, token=token, max_voxels=max_voxels)
 
 
+# options whose value may be left out (typer options always take one): given alone, last or
+# before another option, they are passed on as ``--option=`` (an empty value)
+OPTIONAL_VALUES = ("--unlabeled",)
+
+
+def optional_values(args: list[str]) -> list[str]:
+    """``--unlabeled`` without a folder becomes ``--unlabeled=``, which ``train`` reads as
+    "the images in imagesTr that have no label"."""
+    out = list(args)
+    for i, a in enumerate(out):
+        if a in OPTIONAL_VALUES and (i + 1 == len(out) or out[i + 1].startswith("-")):
+            out[i] = f"{a}="
+    return out
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     try:
-        app()
+        app(args=optional_values(sys.argv[1:]))
     except InputError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)

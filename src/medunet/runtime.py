@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
 
@@ -42,7 +43,7 @@ def resolve_device(device: str | None = None) -> torch.device:
 
 
 def flush_denormals(device: torch.device) -> None:
-    """Treat denormal floats as zero for the rest of the process, on a CPU.
+    """Treat denormal floats as zero on a CPU (until :func:`float_mode_kept` restores the mode).
 
     Why: late in training many gradients and Adam moments fall below 1e-38, and x86 arithmetic on
     such numbers is tens of times slower; flushing them made 2D training steps ~20 % faster here
@@ -50,6 +51,23 @@ def flush_denormals(device: torch.device) -> None:
     """
     if device.type == "cpu":
         torch.set_flush_denormal(True)
+
+
+def denormals_flushed() -> bool:
+    """Whether this thread's CPU treats denormal floats as zero now."""
+    return (torch.tensor([1e-40], dtype=torch.float32) * 1.0).item() == 0.0
+
+
+@contextlib.contextmanager
+def float_mode_kept() -> Iterator[None]:
+    """Restore the denormal mode on exit. ``train()`` and ``distill()`` flush denormals for
+    their steps; the CPU flag is the thread's (numpy obeys it too), so a library call must not
+    leave it changed for the caller's own arithmetic."""
+    before = denormals_flushed()
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(before)
 
 
 def resolve_precision(precision: str | None, device: torch.device) -> str:

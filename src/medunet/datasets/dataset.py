@@ -276,6 +276,56 @@ def _find_folders(root: Path, images: Path, masks: Path | None) -> Dataset:
     )
 
 
+def find_unlabeled(dataset: Dataset, folder: str | Path | None = None) -> list[Case]:
+    """Unlabelled images for semi-supervised training, as cases without labels.
+
+    ``folder``: images laid out like the dataset's training images (``CASE_0000.ext`` channel
+    files for the nnU-Net layout, ``CASE.ext`` for image/mask folders). ``None``: the training
+    images that have no label, which are then taken out of ``dataset.train`` (so validation and
+    planning see labelled cases only). Raises :class:`InputError` when there are none.
+    """
+    if folder is None:
+        unlabeled = [c for c in dataset.train if c.label_path is None]
+        where = "imagesTr" if dataset.layout == "nnunet" else "images"
+        if not unlabeled:
+            raise InputError(f"--unlabeled without a folder, but every image in {where} has a label",
+                             dataset.root / where,
+                             "pass a folder of unlabelled images (--unlabeled DIR), or add images without "
+                             "labels there")
+        dataset.train = [c for c in dataset.train if c.label_path is not None]
+        return unlabeled
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError("folder of unlabelled images not found", folder,
+                         "pass an existing folder (--unlabeled DIR)")
+    if dataset.layout == "nnunet":
+        # (any label found beside an image is dropped below)
+        cases = _nnunet_cases(folder, folder, dataset.num_channels, dataset.file_ending or None)
+    else:
+        cases = [Case(split_suffix(p)[0], [p]) for p in sorted(folder.iterdir()) if _is_image(p)]
+    if not cases:
+        pattern = "CASE_0000" if dataset.layout == "nnunet" else "CASE"
+        raise InputError("no unlabelled images found", folder,
+                         f"put images named like {pattern}{dataset.file_ending} there, as in the training "
+                         "images")
+    return [Case(c.case_id, c.image_paths, None) for c in cases]
+
+
+def check_unlabeled(cases: list[Case], channels: int, dim: int) -> None:
+    """Read every unlabelled case once and refuse one whose channel count or dimension differs
+    from the labelled data's (``channels``, ``dim``), naming the file; NaN/inf are refused by
+    :func:`load_case`."""
+    for c in cases:
+        image, _, _ = load_case(c)
+        if image.shape[0] != channels:
+            raise InputError(f"unlabelled image has {image.shape[0]} channel(s), the labelled images "
+                             f"{channels}", c.image_paths[0],
+                             "give unlabelled images the labelled ones' channels (same channel files)")
+        if image.ndim - 1 != dim:
+            raise InputError(f"unlabelled image is {image.ndim - 1}D, the labelled images {dim}D",
+                             c.image_paths[0], "do not mix 2D and 3D images")
+
+
 def load_case(
     case: Case, dataset: Dataset | None = None
 ) -> tuple[np.ndarray, np.ndarray | None, Geometry]:

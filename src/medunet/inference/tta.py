@@ -25,6 +25,24 @@ from medunet.inference.sliding_window import WindowPredictor
 
 TTA_MODES = ("none", "flip", "full")
 ROTATION_DEGREES = 10.0
+# Mirroring costs 2^dims passes. Training keeps it for a model only where it raised the mean
+# validation Dice by this much: the default prediction is meant to stay within half a Dice point
+# of the most accurate setting (BENCHMARKS.md, prediction speed), and no slower than needed.
+TTA_MIN_GAIN = 0.005
+
+
+def mean_dice(preds: Sequence[np.ndarray], refs: Sequence[np.ndarray], label_values: Sequence[int]) -> float:
+    """Mean over foreground classes of the per-case mean Dice (a case where both are empty
+    scores 1): the figure a TTA choice compares."""
+    per_class = []
+    for v in label_values[1:]:
+        scores = []
+        for p, r in zip(preds, refs, strict=True):
+            pm, rm = np.asarray(p) == v, np.asarray(r) == v
+            total = int(pm.sum()) + int(rm.sum())
+            scores.append(1.0 if total == 0 else 2.0 * int(np.count_nonzero(pm & rm)) / total)
+        per_class.append(float(np.mean(scores)))
+    return float(np.mean(per_class)) if per_class else float("nan")
 
 
 @dataclass(frozen=True)

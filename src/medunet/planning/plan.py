@@ -164,14 +164,16 @@ class Plan:
             raise InputError(f"invalid plan ({exc})", path) from exc
 
     def build_network(self):
-        """The plan's U-Net (untrained). The one place a plan becomes a network, so training,
-        inference and export agree; a bad preset or option is a one-line error on plan.json."""
-        from medunet.nets import build_network
+        """The plan's network (untrained): ``network.arch`` (``unet`` when absent) built by
+        :func:`medunet.nets.create_model` from the other ``network`` fields. The one place a plan
+        becomes a network, so training, inference and export agree; an unknown arch, a bad preset
+        or option is a one-line error on plan.json."""
+        from medunet.nets import DEFAULT_ARCH, create_model
 
         net = dict(self.network)
-        preset = net.pop("preset", "default")
+        arch = net.pop("arch", None) or DEFAULT_ARCH
         try:
-            return build_network(self.dim, self.in_channels, self.num_classes, preset=preset, **net)
+            return create_model(arch, self.dim, self.in_channels, self.num_classes, **net)
         except (ValueError, TypeError) as exc:
             raise InputError(f"invalid network settings ({exc})", "plan.json",
                              "fix the 'network' fields (or --set network.*)") from exc
@@ -184,6 +186,11 @@ class Plan:
         d = self.to_dict()
         for key, value in assignments.items():
             _check_field(d, key)
+            why = "set by the user"
+            if key == "network.arch":  # refused now, not when a run builds the network
+                from medunet.nets import get_arch
+
+                why += f": {get_arch(str(value)).summary}"
             target = d
             parts = key.split(".")
             for p in parts[:-1]:
@@ -194,7 +201,7 @@ class Plan:
                                      fix=f"set '{key.rsplit('.', 1)[0]}' itself")
                 target = target[p]
             target[parts[-1]] = value
-            d.setdefault("reasons", {})[key] = "set by the user"
+            d.setdefault("reasons", {})[key] = why
         d["reasons"].update(value_reasons(d.get("training") or {}, d.get("inference") or {}))
         return Plan.from_dict(d)
 
@@ -232,15 +239,22 @@ def value_reasons(training: dict, inference: dict) -> dict[str, str]:
         if "fg_oversample" in t:
             text += f"; {100 * t['fg_oversample']:.0f}% of patches centred on foreground"
         out["training"] = text
-    tta = inference.get("tta")
-    if tta is not None:
+    tta, choice = inference.get("tta"), inference.get("tta_choice")
+    if tta is not None and choice and tta in ("none", "flip"):
+        out["inference.tta"] = (
+            f"chosen on {choice['cases']} validation cases: mean Dice {choice['flip']:.4f} with mirroring, "
+            f"{choice['none']:.4f} without; mirroring is kept when it gains >= "
+            f"{100 * choice['min_gain']:g} points" + ("" if tta == ("flip" if choice["flip"] - choice["none"]
+                                                     >= choice["min_gain"] else "none") else
+                                                     " (then changed by the user)"))
+    elif tta is not None:
         out["inference.tta"] = (
             "mirroring TTA (every combination of axis flips; the 3D default: +1 Dice point on a Left "
             "Atrium volume, still > 10x faster than nnU-Net's default prediction, BENCHMARKS.md)"
             if tta == "flip"
             else f"TTA '{tta}'" if tta != "none"
-            else "no TTA (in 2D flip gains ~0.4-1.4 Dice points for 3x the time, BENCHMARKS.md); "
-            "predict --tta flip to use it")
+            else "no TTA until training's validation shows that mirroring gains >= 0.5 Dice points (it "
+            "then sets 'flip'; 2^dims passes); predict --tta flip to use it")
     return out
 
 
@@ -251,24 +265,24 @@ TYPED_SECTIONS: dict[str, frozenset[str]] = {
     "training": frozenset({
         "augment", "ema", "ema_every", "epochs", "fg_oversample", "grad_clip", "iterations_per_epoch",
         "loss", "loss_options", "lr", "min_delta", "min_lr", "momentum", "optimizer", "patience",
-        "patience_after", "poly_exponent", "schedule", "step_gamma", "step_milestones", "val_fraction",
-        "val_min_cases", "val_time_share", "warmup_fraction", "weight_decay"}),
-    "inference": frozenset({"overlap", "postprocessing", "sigma_scale", "tta"}),
+        "patience_after", "poly_exponent", "schedule", "semi", "step_gamma", "step_milestones",
+        "val_fraction", "val_min_cases", "val_time_share", "warmup_fraction", "weight_decay"}),
+    # semi-supervised training (written when it is used; defaults in medunet.training.semi.SEMI_DEFAULTS)
+    "training.semi": frozenset({
+        "bcp_box", "consistency", "dropout", "ema_decay", "method", "noise", "pseudo_rounds",
+        "pseudo_threshold", "ramp_up", "uncertainty_passes", "unlabeled_ratio"}),
+    "inference": frozenset({"overlap", "postprocessing", "sigma_scale", "tta", "tta_choice"}),
     "preprocessing": frozenset({"crop_nonzero", "image_order", "image_size", "label_mode", "resample",
                                 "separate_z"}),
-    "network": frozenset(),  # the network builder's arguments, see _section_keys
+    "network": frozenset(),  # the registered networks' options (nets.network_option_names), see _section_keys
 }
 
 
 def _section_keys(section: str) -> frozenset[str]:
-    if section == "network":  # every argument of the U-Net builder, and the preset name
-        import inspect
+    if section == "network":  # every option of the registered networks, the preset and the arch
+        from medunet.nets import network_option_names
 
-        from medunet.nets import UNet
-
-        names = set(inspect.signature(UNet.__init__).parameters) - {"self", "spatial_dims", "in_channels",
-                                                                     "out_channels"}
-        return frozenset(names | {"preset"})
+        return network_option_names()
     return TYPED_SECTIONS[section]
 
 
@@ -290,6 +304,11 @@ def _check_field(d: dict, key: str) -> None:
             close = difflib.get_close_matches(parts[1], sorted(known), n=1)
             raise InputError(f"unknown plan field '{key}'",
                              fix=f"did you mean '{section}.{close[0]}'?" if close else fix)
+        sub = ".".join(parts[:2])
+        if len(parts) > 2 and sub in TYPED_SECTIONS and parts[2] not in TYPED_SECTIONS[sub]:
+            close = difflib.get_close_matches(parts[2], sorted(TYPED_SECTIONS[sub]), n=1)
+            raise InputError(f"unknown plan field '{key}'",
+                             fix=f"did you mean '{sub}.{close[0]}'?" if close else fix)
         return
     target = d
     for p in parts[:-1]:
@@ -757,6 +776,7 @@ def make_plan(dataset: Dataset, fingerprint: dict, preset: str = "default", *, c
     net["strides"] = strides
     net["kernel_sizes"] = kernels
     net["preset"] = preset
+    net["arch"] = "unet"  # a variant by name: medunet train --arch / --set network.arch (medunet archs)
     # Why only volumes: with a 30-minute budget on Left Atrium, supervising every decoder level
     # raised the test Dice from 0.902 to 0.905 and the best validation Dice from 0.907 to 0.914,
     # at the same step speed (BENCHMARKS.md); the 2D configurations meet their targets without it.

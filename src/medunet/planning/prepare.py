@@ -9,13 +9,15 @@ from medunet.datasets import Dataset, find_dataset, validate_dataset
 from medunet.planning.plan import Plan, fingerprint_dataset, make_plan
 
 
-def prepare_plan(data: str | Path, preset: str = "default", overrides: dict | None = None,
+def prepare_plan(data: str | Path | Dataset, preset: str = "default", overrides: dict | None = None,
                  **plan_options) -> tuple[Dataset, Plan]:
     """Find and validate the dataset, fingerprint it and derive the (overridden) plan.
 
-    ``plan_options`` go to :func:`medunet.planning.make_plan` (e.g. ``config``, ``ct_window``).
+    ``data``: the dataset folder, or a :class:`Dataset` already found (semi-supervised training
+    passes one whose unlabelled images were taken out). ``plan_options`` go to
+    :func:`medunet.planning.make_plan` (e.g. ``config``, ``ct_window``).
     """
-    dataset = find_dataset(data)
+    dataset = data if isinstance(data, Dataset) else find_dataset(data)
     facts = validate_dataset(dataset)
     overrides = dict(overrides or {})
     # the working resolution drives the patch, batch and network: plan from it, not after it

@@ -12,7 +12,8 @@ The student directory is an ordinary model directory (``plan.json``, ``splits.js
 models' parameter counts, validation Dice and seconds per validation image, so ``predict``,
 ``export`` and ``serve`` use it like any trained model.
 
-The pruning is written for :class:`medunet.nets.UNet` (the only network a plan builds): the
+The pruning is written for :class:`medunet.nets.UNet` (the ``unet`` and ``classic`` archs; a
+teacher of another variant is refused for ``init='prune'`` and distils from a random start): the
 channel bookkeeping follows its forward pass (encoder blocks, down-sampling, up-sampling, the
 ``[upsampled, skip]`` concatenation, residual shortcuts and heads). A layer it cannot map
 raises :class:`PruneError`; ``distill`` then starts from a random initialisation and says so
@@ -45,7 +46,14 @@ from medunet.files import exclusive_lock
 from medunet.modeldir import load_network
 from medunet.planning import Plan
 from medunet.preprocessing.cache import preprocess_dataset
-from medunet.runtime import autocast, flush_denormals, memory_format, resolve_device, resolve_precision
+from medunet.runtime import (
+    autocast,
+    float_mode_kept,
+    flush_denormals,
+    memory_format,
+    resolve_device,
+    resolve_precision,
+)
 from medunet.training.callbacks import write_json
 from medunet.training.loop import Loop, SupervisedMode, ValidationSet, parse_duration
 from medunet.training.losses import build_loss
@@ -94,13 +102,18 @@ def scale_features(features: list[int], width: float) -> list[int]:
 
 def student_plan(teacher_plan: Plan, width: float, teacher_dir: str | Path) -> Plan:
     """The teacher's plan with every level's channels scaled by ``width``."""
+    from medunet.nets.registry import classic_options
+
     d = teacher_plan.to_dict()
     net = dict(d["network"])
-    net["features"] = scale_features(list(net["features"]), width)
+    if net.get("arch") == "classic":  # the paper's widths are fixed: the student is that U-Net, thinner
+        net.update(classic_options(len(net["features"])), arch="unet")
+    teacher_features = list(net["features"])
+    net["features"] = scale_features(teacher_features, width)
     d["network"] = net
     reasons = dict(d.get("reasons", {}))
     reasons["network"] = (f"distilled from {Path(teacher_dir).resolve()} at width {width:g}: features "
-                          f"{teacher_plan.network['features']} -> {net['features']}; "
+                          f"{teacher_features} -> {net['features']}; "
                           + reasons.get("network", ""))
     reasons["distillation"] = f"distilled from {Path(teacher_dir).resolve()} at width {width:g}"
     d["reasons"] = reasons
@@ -248,7 +261,8 @@ def prune_unet(teacher_net: nn.Module, student_net: nn.Module, notes: list[str] 
     from medunet.nets import UNet
 
     notes = notes if notes is not None else []
-    if not isinstance(teacher_net, UNet) or not isinstance(student_net, UNet):
+    # exactly UNet: the variants built on it (attention, cbam, scse, transunet) add layers it cannot map
+    if type(teacher_net) is not UNet or type(student_net) is not UNet:
         raise PruneError(f"pruning maps medunet UNets only, got {type(teacher_net).__name__}")
     for attr in ("spatial_dims", "in_channels", "out_channels", "strides", "deep_supervision"):
         if getattr(teacher_net, attr) != getattr(student_net, attr):
@@ -435,6 +449,19 @@ def time_per_image(nets: dict[str, nn.Module], images: list[np.ndarray], plan_of
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def check_prunable(teacher_plan: Plan, init: str, teacher_dir: str | Path | None = None) -> None:
+    """Refuse ``init='prune'`` for a teacher whose variant :func:`prune_unet` cannot map (only the
+    plain U-Nets, ``unet`` and ``classic``): a clear error instead of a silent random start. Every
+    variant distils at any width from a random start (``init='random'``)."""
+    from medunet.nets import ARCHS, get_arch
+
+    arch = teacher_plan.network.get("arch") or "unet"
+    if init == "prune" and not get_arch(arch).prunable:
+        prunable = ", ".join(n for n, a in ARCHS.items() if a.prunable)
+        raise InputError(f"channel pruning maps the {prunable} archs only, not this teacher's arch '{arch}'",
+                         teacher_dir, "distil from a random start instead: --init random")
+
+
 def _check_args(width: float, temperature: float, alpha: float, init: str) -> None:
     if not (isinstance(width, (int, float)) and 0 < width <= 1):
         raise InputError(f"width {width} is out of range", fix="use a width in (0, 1], e.g. 0.5")
@@ -476,6 +503,7 @@ def distill(teacher_dir: str | Path, student_dir: str | Path, data: str | Path |
                          else "pass a directory written by 'medunet train'")
     if student_dir.resolve() == teacher_dir.resolve():
         raise InputError("the student directory is the teacher's", student_dir, "choose another -o")
+    check_prunable(Plan.load(teacher_dir), init if not resume else "random", teacher_dir)
     last = student_dir / "checkpoint_last.pt"
     if resume and not (last.is_file() and (student_dir / "distill.json").is_file()):
         raise InputError("nothing to resume: no checkpoint_last.pt and distill.json", student_dir,
@@ -494,10 +522,10 @@ def distill(teacher_dir: str | Path, student_dir: str | Path, data: str | Path |
             raise InputError("the teacher's model directory does not record its dataset", teacher_dir,
                              "pass the dataset the teacher was trained on with --data DATA")
     dev = resolve_device(device)
-    flush_denormals(dev)
     prec = resolve_precision(precision, dev)
     with exclusive_lock(student_dir / ".train.lock", "another run is writing to this student directory",
-                        "wait for it to finish, or choose another -o"):
+                        "wait for it to finish, or choose another -o"), float_mode_kept():
+        flush_denormals(dev)
         return _distill(teacher_dir, student_dir, Path(data), width, epochs, budget, temperature, alpha, init,
                         dev, prec, seed, progress, lr, recorded)
 

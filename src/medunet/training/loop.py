@@ -185,12 +185,11 @@ class SupervisedMode(Mode):
         """The loss to minimise and any parts worth logging (the autocast region is the caller's)."""
         return self.loss_fn(self.train_net(x), y), {}
 
-    def step(self, batch: tuple[torch.Tensor, torch.Tensor], lr: float) -> dict[str, float]:
+    def step(self, batch: tuple[torch.Tensor, ...], lr: float) -> dict[str, float]:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x, y = batch
-        with autocast(self.device, self.precision):
-            loss, parts = self.losses(x, y)
+        with autocast(self.device, self.precision):  # a mode's batch is the arguments of its losses()
+            loss, parts = self.losses(*batch)
         backward_and_step(loss, self.net, self.optimizer, self.scaler, self.plan.training.get("grad_clip"))
         if self.ema is not None:
             self.ema.update(self.net)

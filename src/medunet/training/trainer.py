@@ -13,7 +13,7 @@ import json
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,19 +21,21 @@ import torch
 
 import medunet.training.distributed as distributed
 from medunet.augment import validate_augmentation
-from medunet.datasets import Case, Dataset, find_dataset, validate_dataset
+from medunet.datasets import Case, Dataset, check_unlabeled, find_dataset, find_unlabeled, validate_dataset
 from medunet.errors import InputError
 from medunet.files import exclusive_lock
 from medunet.modeldir import is_cascade
 from medunet.planning import Plan, prepare_plan
+from medunet.planning.plan import value_reasons
 from medunet.preprocessing.cache import preprocess_dataset
-from medunet.runtime import flush_denormals, memory_format, resolve_device, resolve_precision
+from medunet.runtime import float_mode_kept, flush_denormals, memory_format, resolve_device, resolve_precision
 from medunet.training.callbacks import write_json
 from medunet.training.cascade import train_cascade, wants_cascade
 from medunet.training.loop import Loop, SupervisedMode, ValidationSet, parse_duration
 from medunet.training.losses import build_loss
 from medunet.training.optim import ModelEMA, build_optimizer, validate_ema
 from medunet.training.sampler import PatchSampler
+from medunet.training.semi import build_semi_mode, semi_reason, semi_settings, unlabeled_source
 
 
 @dataclass
@@ -162,11 +164,12 @@ def _one_run_per_dir(fn: Callable[..., TrainResult]) -> Callable[..., TrainResul
     @functools.wraps(fn)
     def locked(data: str | Path, model_dir: str | Path, **kwargs) -> TrainResult:
         if not distributed.from_environment().main:
-            return fn(data, model_dir, **kwargs)
+            with float_mode_kept():
+                return fn(data, model_dir, **kwargs)
         fold = _parse_fold(kwargs.get("fold"))
         run_dir = Path(model_dir) if fold is None else Path(model_dir) / f"fold_{fold}"
         with exclusive_lock(run_dir / ".train.lock", "another training run is writing to this directory",
-                            "wait for it to finish, or choose another -o"):
+                            "wait for it to finish, or choose another -o"), float_mode_kept():
             return fn(data, model_dir, **kwargs)
 
     return locked
@@ -178,7 +181,9 @@ def train(data: str | Path, model_dir: str | Path, *, epochs: int | None = None,
           precision: str | None = None, seed: int = 0, preset: str = "default",
           overrides: dict | None = None, progress: bool = True, report: bool = True,
           fold: int | str | None = None, n_folds: int = 5, tensorboard: bool = False,
-          compile: bool = False, plan_options: dict | None = None) -> TrainResult:
+          compile: bool = False, plan_options: dict | None = None,
+          unlabeled: str | Path | bool | None = None, semi: str | None = None,
+          pseudo_threshold: float | None = None) -> TrainResult:
     """Train a U-Net on a dataset folder and write a self-describing model directory.
 
     Args:
@@ -201,6 +206,12 @@ def train(data: str | Path, model_dir: str | Path, *, epochs: int | None = None,
         compile: ``torch.compile`` the training network (faster steps after 20-60 s of
             compilation; validation and checkpoints use the plain network).
         plan_options: passed to ``make_plan`` (``config``, ``ct_window``, ``window``).
+        unlabeled: semi-supervised training (:mod:`medunet.training.semi`) with unlabelled
+            images: a folder laid out like the training images, or ``True`` for the training
+            images that have no label. A resumed run reuses the recorded ones.
+        semi: the method (``mean-teacher`` default, ``uamt``, ``cps``, ``bcp``, ``pseudo``);
+            the other settings are the plan's ``training.semi``.
+        pseudo_threshold: ``pseudo``: the probability above which a prediction is a target.
     """
     parent = Path(model_dir)
     fold = _parse_fold(fold)
@@ -214,21 +225,28 @@ def train(data: str | Path, model_dir: str | Path, *, epochs: int | None = None,
     return _train(data, parent, run_dir, fold, dist, epochs=epochs, budget=budget, resume=resume,
                   device=device, precision=precision, seed=seed, preset=preset, overrides=overrides,
                   progress=progress, report=report, n_folds=n_folds, tensorboard=tensorboard,
-                  compile=compile, plan_options=plan_options)
+                  compile=compile, plan_options=plan_options, unlabeled=unlabeled, semi=semi,
+                  pseudo_threshold=pseudo_threshold)
 
 
 def _train(data: str | Path, parent: Path, run_dir: Path, fold: int | str | None, dist: distributed.Dist, *,
            epochs: int | None, budget: float | None, resume: bool, device: str | None, precision: str | None,
            seed: int, preset: str, overrides: dict | None, progress: bool, report: bool, n_folds: int,
-           tensorboard: bool, compile: bool, plan_options: dict | None) -> TrainResult:
+           tensorboard: bool, compile: bool, plan_options: dict | None,
+           unlabeled: str | Path | bool | None = None, semi: str | None = None,
+           pseudo_threshold: float | None = None) -> TrainResult:
     """:func:`train` once its arguments are read, on this process's rank."""
     last = run_dir / "checkpoint_last.pt"
+    unlabeled = _unlabeled_request(run_dir, resume, unlabeled, semi, pseudo_threshold)
     dev = distributed.device_for(dist, resolve_device(device))
     flush_denormals(dev)
     prec = resolve_precision(precision, dev)
     opts = dict(plan_options or {})
     if dev.type == "cuda":  # plan the patch and batch for this GPU's memory
         opts.setdefault("device_memory_gb", torch.cuda.get_device_properties(dev).total_memory / 2**30)
+    if unlabeled is not None and (dist.active or opts.get("config") == "cascade" or is_cascade(run_dir)):
+        raise InputError("semi-supervised training runs one network in one process", run_dir,
+                         "drop --nproc (torchrun) and --config cascade when training with --unlabeled")
     if dist.active and (is_cascade(run_dir) or opts.get("config") == "cascade"):
         raise InputError("a cascade trains in one process", run_dir,
                          "drop --nproc (or torchrun), or choose --config 2d or 3d")
@@ -240,10 +258,25 @@ def _train(data: str | Path, parent: Path, run_dir: Path, fold: int | str | None
                              compile=compile, train=train)
     if resume and not last.is_file():
         raise InputError("nothing to resume: no checkpoint_last.pt", run_dir, "run without --resume")
-    dataset, plan = _run_plan(data, parent, run_dir, resume, fold is not None, preset, overrides, opts,
-                              write=dist.main)
-    if fold is None and not resume and not dist.active and wants_cascade(plan, opts.get("config", "auto"),
-                                                                         budget):
+    in_train = unlabeled is True
+    dataset, plan, unl = _run_plan(data, parent, run_dir, resume, fold is not None, preset, overrides, opts,
+                                   write=dist.main, unlabeled_in_train=in_train)
+    settings, folder = None, None
+    if unlabeled is not None:
+        if resume:  # refused before anything is rewritten: the run keeps its own way of training
+            _check_resumed_semi(run_dir, semi)
+        folder = None if in_train else Path(unlabeled)
+        if unl is None:
+            unl = find_unlabeled(dataset, folder)
+        check_unlabeled(unl, plan.in_channels, plan.dim)
+        settings = semi_settings(plan.training.get("semi"), semi, pseudo_threshold)
+        if pseudo_threshold is not None and settings["method"] != "pseudo":
+            raise InputError(f"--pseudo-threshold is for --semi pseudo, not {settings['method']}",
+                             fix="drop --pseudo-threshold or use --semi pseudo")
+        plan.training["semi"] = settings
+        plan.reasons["training.semi"] = semi_reason(settings, len(unl), unlabeled_source(folder))
+    if fold is None and not resume and settings is None and wants_cascade(plan, opts.get("config", "auto"),
+                                                                          budget):
         return train_cascade(data, run_dir, plan, epochs=epochs, budget=budget, resume=False, seed=seed,
                              preset=preset, overrides=overrides, plan_options=opts, device=device,
                              precision=precision, progress=progress, report=report, tensorboard=tensorboard,
@@ -260,6 +293,8 @@ def _train(data: str | Path, parent: Path, run_dir: Path, fold: int | str | None
             split = _split(run_dir, dataset.train, plan.training.get("val_fraction", 0.2), seed)
         else:
             split = _fold_split(parent, run_dir, dataset.train, fold, n_folds, seed)
+        if unl is not None:
+            split = _record_unlabeled(run_dir, split, unl, folder)
         return split, _load(dataset, plan, parent / "preprocessed", split, progress and dist.main)
 
     # rank 0 writes the split and the cache; the other ranks then read them
@@ -269,6 +304,7 @@ def _train(data: str | Path, parent: Path, run_dir: Path, fold: int | str | None
     if not dist.main:
         split, arrays = prepare()
     (tr_img, tr_lab), (val_img, val_lab) = arrays
+    unl_img = _load_unlabeled(dataset, unl, plan, parent, progress) if unl is not None else []
 
     torch.manual_seed(seed)  # the same initial weights on every rank
     net = plan.build_network().to(dev).to(memory_format=memory_format(plan.dim))
@@ -276,16 +312,22 @@ def _train(data: str | Path, parent: Path, run_dir: Path, fold: int | str | None
     t = plan.training
     own = distributed.rank_seed(seed, dist)  # each rank draws its own patches
     train_net = distributed.wrap(net, dist, dev)
-    mode = SupervisedMode(
-        plan, net, build_optimizer(net, t, dense_views=not dist.active),
-        torch.amp.GradScaler(dev.type, enabled=prec == "fp16"), _loss(plan, net),
-        PatchSampler(tr_img, tr_lab, plan.patch_size, plan.batch_size, t["fg_oversample"],
-                     np.random.default_rng(own)),
-        torch.Generator().manual_seed(own), dev, prec,
-        ema=ModelEMA(net, t["ema"], t.get("ema_every", 1)) if t.get("ema") else None,
-        train_net=torch.compile(train_net) if compile else train_net)
+    if settings is not None:
+        mode = build_semi_mode(plan, net, torch.compile(train_net) if compile else train_net,
+                               _loss(plan, net), (tr_img, tr_lab), unl_img, dev, prec, own, settings)
+    else:
+        mode = SupervisedMode(
+            plan, net, build_optimizer(net, t, dense_views=not dist.active),
+            torch.amp.GradScaler(dev.type, enabled=prec == "fp16"), _loss(plan, net),
+            PatchSampler(tr_img, tr_lab, plan.patch_size, plan.batch_size, t["fg_oversample"],
+                         np.random.default_rng(own)),
+            torch.Generator().manual_seed(own), dev, prec,
+            ema=ModelEMA(net, t["ema"], t.get("ema_every", 1)) if t.get("ema") else None,
+            train_net=torch.compile(train_net) if compile else train_net)
     loop = Loop(mode, plan, run_dir, ValidationSet(val_img, val_lab), dev, prec, epochs=epochs, budget=budget,
                 seed=seed, tensorboard=tensorboard, dist=dist)
+    if settings is not None:
+        mode.progress = loop.progress  # the ramp and the pseudo-label rounds follow the run
     if resume:
         loop.resume(last)
     where = f", {dist.world} processes (global batch {dist.world * plan.batch_size})" if dist.active else ""
@@ -293,6 +335,8 @@ def _train(data: str | Path, parent: Path, run_dir: Path, fold: int | str | None
         loop.run(f"training {plan.dim}D U-Net on {len(tr_img)} cases (val {len(val_img)}), patch "
                  f"{plan.patch_size} x batch {plan.batch_size}, {dev.type} {prec}{where}"
                  + (f", fold {fold}" if fold is not None else "")
+                 + (f", semi-supervised {settings['method']} with {len(unl_img)} unlabelled cases"
+                    if settings is not None else "")
                  + (f", budget {budget:.0f}s" if budget else f", {loop.epochs} epochs"), progress=progress)
     except (RuntimeError, torch.distributed.DistError) as exc:
         if not dist.active:
@@ -322,18 +366,75 @@ def _loss(plan: Plan, net: torch.nn.Module) -> torch.nn.Module:
 
 
 def _run_plan(data: str | Path, parent: Path, run_dir: Path, resume: bool, folds: bool, preset: str,
-              overrides: dict | None, plan_options: dict, write: bool = True) -> tuple[Dataset, Plan]:
+              overrides: dict | None, plan_options: dict, write: bool = True,
+              unlabeled_in_train: bool = False) -> tuple[Dataset, Plan, list[Case] | None]:
     """The run's plan: reloaded on resume; for folds, the parent's shared plan (made once and
-    written there when ``write``)."""
+    written there when ``write``). With ``unlabeled_in_train`` the training images without a
+    label are taken out of the dataset first and returned as the unlabelled cases."""
+    dataset = find_dataset(data)
+    unl = find_unlabeled(dataset) if unlabeled_in_train else None
     if resume or (folds and (parent / "plan.json").is_file()):
-        dataset = find_dataset(data)
         validate_dataset(dataset)
         plan = Plan.load(run_dir if resume else parent)
-        return dataset, plan.override(overrides) if overrides else plan
-    dataset, plan = prepare_plan(data, preset, overrides, **plan_options)
+        return dataset, plan.override(overrides) if overrides else plan, unl
+    dataset, plan = prepare_plan(dataset, preset, overrides, **plan_options)
     if folds and write:
         plan.save(parent / "plan.json")
-    return dataset, plan
+    return dataset, plan, unl
+
+
+def _unlabeled_request(run_dir: Path, resume: bool, unlabeled: str | Path | bool | None, semi: str | None,
+                       pseudo_threshold: float | None) -> Path | bool | None:
+    """The unlabelled data asked for: a folder, ``True`` (imagesTr's images without a label) or
+    None; a resumed semi-supervised run reuses what its ``splits.json`` records. ``--semi`` or
+    ``--pseudo-threshold`` without unlabelled data is an error."""
+    if unlabeled is None and resume and (run_dir / "splits.json").is_file():
+        recorded = json.loads((run_dir / "splits.json").read_text()).get("unlabeled")
+        if recorded is not None:
+            unlabeled = Path(recorded["folder"]) if recorded.get("folder") else True
+    if unlabeled is None or unlabeled is False:
+        if semi is not None or pseudo_threshold is not None:
+            raise InputError(f"--{'semi' if semi is not None else 'pseudo-threshold'} needs unlabelled data",
+                             fix="add --unlabeled DIR (images laid out like imagesTr), or --unlabeled alone "
+                                 "for the images in imagesTr that have no label")
+        return None
+    if unlabeled is True or str(unlabeled) == "":
+        return True
+    return Path(unlabeled)
+
+
+def _check_resumed_semi(run_dir: Path, semi: str | None) -> None:
+    """A resumed run continues the way it was trained: unlabelled data only for a
+    semi-supervised run, and with its own method."""
+    recorded = Plan.load(run_dir).training.get("semi")
+    if not recorded:
+        raise InputError("the run in this directory was trained without unlabelled data", run_dir,
+                         "resume it without --unlabeled and --semi, or train into another -o")
+    method = recorded.get("method")
+    if semi is not None and semi != method:
+        raise InputError(f"the run in this directory was trained with --semi {method}", run_dir,
+                         f"resume it with --semi {method} (or without --semi)")
+
+
+def _record_unlabeled(run_dir: Path, split: dict, cases: list[Case], folder: Path | None) -> dict:
+    """Name the unlabelled cases (and their folder; None: imagesTr) in ``splits.json``, so the
+    run is described and a resume finds them again."""
+    record = {"folder": str(folder.resolve()) if folder is not None else None,
+              "cases": sorted(c.case_id for c in cases)}
+    if split.get("unlabeled") != record:
+        split = {**split, "unlabeled": record}
+        write_json(run_dir / "splits.json", split)
+    return split
+
+
+def _load_unlabeled(dataset: Dataset, cases: list[Case], plan: Plan, parent: Path,
+                    progress: bool) -> list[np.ndarray]:
+    """Unlabelled images through the same preprocessing and cache as the labelled ones (crop,
+    resample, normalise), in ``preprocessed/unlabeled/`` (their ids may repeat labelled ones)."""
+    cached = preprocess_dataset(replace(dataset, train=list(cases), test=[]), plan,
+                                parent / "preprocessed" / "unlabeled", workers=min(2, os.cpu_count() or 1),
+                                progress=progress)
+    return [cached[c.case_id].load()[0] for c in cases]
 
 
 def train_folds(data: str | Path, model_dir: str | Path, n_folds: int = 5, *, resume: bool = False,
@@ -385,24 +486,52 @@ def validation_report(model_dir: Path, dataset: Dataset, case_ids: list[str],
                       device: str | None = None, precision: str | None = None) -> Path:
     """Predict the validation cases with the best checkpoint and score them with a report.
 
-    Post-processing is chosen here, on these predictions against their labels (a step is kept
-    for a class only where it raised the validation Dice), stored in ``plan.json`` under
-    ``inference.postprocessing`` for ``predict`` to apply, and applied before scoring.
+    Two choices are made here, on these predictions against their labels, and stored in
+    ``plan.json`` for ``predict`` to apply. Test-time mirroring (``inference.tta``), when the
+    plan does not use it yet: kept only where it raised the mean validation Dice by at least
+    :data:`~medunet.inference.tta.TTA_MIN_GAIN` (it costs 2^dims passes). Then post-processing
+    (a step is kept for a class only where it raised the validation Dice), applied before scoring.
     """
+    import shutil
+
     from medunet.evaluation import evaluate
     from medunet.inference import Predictor, apply_postprocessing, choose_postprocessing
     from medunet.inference.predictor import InputCase
+    from medunet.inference.tta import TTA_MIN_GAIN, mean_dice
     from medunet.io import read_image, read_label, write_image
 
     out = model_dir / "validation"
     out.mkdir(exist_ok=True)
     predictor = Predictor.load(model_dir, device=device, precision=precision, postprocess="none")
     by_id = {c.case_id: c for c in dataset.train}
-    written = [predictor.predict_case(InputCase(cid, by_id[cid].image_paths), out) for cid in case_ids]
-    preds = [read_label(p)[0] for p in written]
     refs = [read_label(by_id[cid].label_path)[0] for cid in case_ids]
-    choice = choose_postprocessing(preds, refs, predictor.plan.label_values)
+    values = predictor.plan.label_values
+    planned = predictor.plan.inference.get("tta", "none")
+    options = [planned] if planned != "none" else ["none", "flip"]
+    runs: dict[str, tuple[list[Path], list[np.ndarray], float]] = {}
+    for tta in options:
+        folder = out if len(options) == 1 else out / f".tta-{tta}"
+        folder.mkdir(exist_ok=True)
+        written = [predictor.predict_case(InputCase(cid, by_id[cid].image_paths), folder, tta=tta)
+                   for cid in case_ids]
+        preds = [read_label(p)[0] for p in written]
+        runs[tta] = (written, preds, mean_dice(preds, refs, values))
     plan = Plan.load(model_dir)
+    chosen = planned
+    if len(options) > 1:
+        gain = runs["flip"][2] - runs["none"][2]
+        chosen = "flip" if gain >= TTA_MIN_GAIN else "none"
+        plan.inference["tta"] = chosen
+        plan.inference["tta_choice"] = {"none": round(runs["none"][2], 6), "flip": round(runs["flip"][2], 6),
+                                        "cases": len(case_ids), "min_gain": TTA_MIN_GAIN}
+        plan.reasons.update(value_reasons(plan.training, plan.inference))
+        for path in runs[chosen][0]:
+            os.replace(path, out / path.name)
+        for tta in options:
+            shutil.rmtree(out / f".tta-{tta}", ignore_errors=True)
+    written = [out / p.name for p in runs[chosen][0]]
+    preds = runs[chosen][1]
+    choice = choose_postprocessing(preds, refs, values)
     plan.inference["postprocessing"] = choice
     plan.save(model_dir / "plan.json")
     if choice["classes"]:

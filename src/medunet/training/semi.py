@@ -1,0 +1,596 @@
+"""Semi-supervised training: labelled patches plus unlabelled ones, as one mode on the loop.
+
+``medunet train DATA --unlabeled [DIR] --semi METHOD`` runs :class:`SemiMode` on the same
+:class:`~medunet.training.loop.Loop` as supervised training, so budget, validation (labelled
+validation cases only), early stopping, checkpoints, resume and the model directory are the
+supervised ones. Every batch holds the plan's ``batch_size`` patches, split between labelled
+and unlabelled ones by ``training.semi.unlabeled_ratio``; the unlabelled term of the loss is
+weighted by ``training.semi.consistency`` times a sigmoid ramp, ``exp(-5 (1 - t)^2)`` with
+``t = progress / ramp_up`` (Laine & Aila 2017), so the random early network teaches nothing.
+
+Methods (``training.semi.method``):
+
+- ``mean-teacher`` (Tarvainen & Valpola 2017): the teacher is the EMA of the student
+  (``ema_decay``); the student's softmax on an unlabelled patch is pulled (squared distance)
+  towards the teacher's on a perturbed copy (noise, flips, intensity; flips undone on the output).
+- ``uamt`` (Yu et al. 2019, uncertainty-aware mean teacher): as mean teacher, but the teacher's
+  prediction is the mean of ``uncertainty_passes`` Monte-Carlo passes (input noise and dropout
+  before the segmentation head), and only voxels whose predictive entropy is below a threshold
+  ramping from 0.75 to 1 x ln(K) count.
+- ``cps`` (Chen et al. 2021, cross pseudo supervision): two networks of the plan, initialised
+  differently; each learns the other's argmax on every patch (cross-entropy).
+- ``bcp`` (Bai et al. 2023, bidirectional copy-paste): a box (``bcp_box`` of each edge) of an
+  unlabelled patch is pasted into a labelled one and the reverse; targets are the label and the
+  EMA teacher's argmax, the unlabelled regions weighted ``consistency`` (0.5 in the paper).
+- ``pseudo`` (self-training in rounds): the run is split into ``pseudo_rounds + 1`` equal
+  parts; the first trains on labels only; at the start of each later round the current
+  (EMA) model is frozen and its confident predictions (max probability above
+  ``pseudo_threshold``) become targets for the unlabelled patches.
+
+The served network (checkpoint key ``model`` / ``ema_model``) is the student, or the teacher
+(EMA) for the teacher methods and the first network's EMA for ``cps``: a model directory
+trained this way predicts, exports and serves like any other.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medunet.augment import augment_batch
+from medunet.errors import InputError
+from medunet.runtime import memory_format
+from medunet.training.loop import SupervisedMode
+from medunet.training.losses import downsample_target, one_hot
+
+METHODS = ("mean-teacher", "uamt", "cps", "bcp", "pseudo")
+# The default method until bench/semisup.py (Left Atrium, 8 and 16 labels, 30-minute CPU budget)
+# has measured the methods against each other: to be confirmed there and recorded in BENCHMARKS.md.
+DEFAULT_METHOD = "mean-teacher"
+# Weight of the unlabelled term per method (``consistency: null`` in a plan means this one):
+# squared distances of probabilities (mean teacher, UA-MT), cross-entropies (CPS, pseudo-labels)
+# and BCP's weight of the unlabelled regions (alpha = 0.5 in the paper).
+METHOD_WEIGHTS = {"mean-teacher": 1.0, "uamt": 1.0, "cps": 1.0, "bcp": 0.5, "pseudo": 1.0}
+# ``training.semi``: keep the keys equal to planning.plan.TYPED_SECTIONS["training.semi"]
+SEMI_DEFAULTS: dict = {
+    "method": DEFAULT_METHOD,
+    "unlabeled_ratio": 1.0,  # unlabelled patches per labelled patch in a batch (1:1)
+    "ramp_up": 0.4,  # share of the run over which the unlabelled weight ramps up (sigmoid)
+    "consistency": None,  # weight of the unlabelled term; None: METHOD_WEIGHTS[method]
+    "ema_decay": 0.99,  # teacher = EMA of the student (mean-teacher, uamt, bcp)
+    "noise": 0.1,  # std of the teacher's input noise (clipped at 2 std), in normalised units
+    "uncertainty_passes": 4,  # UA-MT Monte-Carlo passes (the paper: 8; a CPU budget halves it)
+    "dropout": 0.5,  # UA-MT Monte-Carlo dropout before the segmentation head
+    "pseudo_threshold": 0.9,  # pseudo: a voxel becomes a target above this probability
+    "pseudo_rounds": 2,  # pseudo: rounds after the labelled-only first part
+    "bcp_box": 2 / 3,  # BCP: edge of the pasted box as a share of the patch edge
+}
+IGNORE = 255  # pseudo-label value of a voxel that is not a target
+
+
+# --------------------------------------------------------------------------------------------
+# settings
+
+
+def semi_settings(given: dict | None, method: str | None = None,
+                  pseudo_threshold: float | None = None) -> dict:
+    """``training.semi`` completed with defaults and checked; ``method`` and ``pseudo_threshold``
+    (command-line options) override the plan's. Raises :class:`InputError` naming the field."""
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(SEMI_DEFAULTS))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(SEMI_DEFAULTS), n=1)
+        raise InputError(f"unknown plan field 'training.semi.{unknown[0]}'", "plan.json",
+                         f"did you mean 'training.semi.{close[0]}'?" if close
+                         else f"use {', '.join(sorted(SEMI_DEFAULTS))}")
+    s = {**SEMI_DEFAULTS, **given}
+    if method is not None:
+        s["method"] = method
+    if pseudo_threshold is not None:
+        s["pseudo_threshold"] = pseudo_threshold
+    if s["method"] not in METHODS:
+        raise InputError(f"unknown semi-supervised method '{s['method']}'",
+                         fix=f"use --semi {', '.join(METHODS)}")
+    if s["consistency"] is None:
+        s["consistency"] = METHOD_WEIGHTS[s["method"]]
+
+    def number(key: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
+        v = s[key]
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+        if not ok:
+            brackets = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+            raise InputError(f"training.semi.{key} = {v!r} is out of range", "plan.json",
+                             f"use a number in {brackets}")
+
+    number("unlabeled_ratio", 0, 16, lo_open=True)
+    number("ramp_up", 0, 1)
+    number("consistency", 0, 1000)
+    number("ema_decay", 0, 1, lo_open=True, hi_open=True)
+    number("noise", 0, 10)
+    number("dropout", 0, 1, hi_open=True)
+    number("pseudo_threshold", 0, 1, hi_open=True)
+    number("bcp_box", 0, 1, lo_open=True, hi_open=True)
+    for key, lo in (("uncertainty_passes", 1), ("pseudo_rounds", 1)):
+        if isinstance(s[key], bool) or not isinstance(s[key], int) or s[key] < lo:
+            raise InputError(f"training.semi.{key} = {s[key]!r} is out of range", "plan.json",
+                             f"use a whole number >= {lo}")
+    return s
+
+
+def batch_split(batch_size: int, ratio: float) -> tuple[int, int]:
+    """Labelled and unlabelled patches per step: the plan's batch shared ``1 : ratio`` (at
+    least one of each, so a batch of 1 becomes 1 + 1)."""
+    n_l = max(1, round(batch_size / (1 + ratio)))
+    return n_l, max(1, batch_size - n_l)
+
+
+def sigmoid_ramp(progress: float, ramp_up: float) -> float:
+    """``exp(-5 (1 - t)^2)``, ``t = progress / ramp_up`` clipped to [0, 1]: ~0.007 at the start,
+    1 from ``ramp_up`` on (1 throughout when ``ramp_up`` is 0)."""
+    if ramp_up <= 0:
+        return 1.0
+    t = min(max(progress / ramp_up, 0.0), 1.0)
+    return float(math.exp(-5.0 * (1.0 - t) ** 2))
+
+
+# --------------------------------------------------------------------------------------------
+# the pieces every method is made of (tested one by one)
+
+
+def consistency_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared distance between the student's softmax and the teacher's probabilities, summed
+    over classes and averaged over voxels (those of ``mask`` only, when given); no gradient
+    flows into the teacher. 0 for identical predictions."""
+    p = torch.softmax(student_logits.float(), 1)
+    sq = ((p - teacher_probs.detach().float()) ** 2).sum(1)
+    if mask is None:
+        return sq.mean()
+    m = mask.float()
+    return (sq * m).sum() / m.sum().clamp_min(1.0)
+
+
+def pseudo_labels(probs: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``(B, K, *S)`` probabilities -> ``(B, *S)`` targets: the argmax where the largest
+    probability is above ``threshold``, :data:`IGNORE` elsewhere."""
+    conf, label = probs.max(1)
+    return torch.where(conf > threshold, label, torch.full_like(label, IGNORE))
+
+
+def masked_dice_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy plus soft Dice (foreground classes, pooled over the batch), each voxel
+    counted with ``weight`` (0: not a target; :data:`IGNORE` targets must carry weight 0)."""
+    logits = logits.float()
+    k = logits.shape[1]
+    weight = weight.float()
+    target = torch.where(weight > 0, target, torch.zeros_like(target)).long()
+    ce = F.cross_entropy(logits, target, reduction="none")
+    total = weight.sum()
+    ce = (ce * weight).sum() / total.clamp_min(1e-6)
+    probs = torch.softmax(logits, 1)
+    oh = one_hot(target, k).float()
+    w = weight.unsqueeze(1)
+    dims = (0, *range(2, logits.ndim))
+    inter = (probs * oh * w).sum(dims)[1:]
+    denom = ((probs + oh) * w).sum(dims)[1:]
+    dice = 1.0 - (2 * inter + 1e-5) / (denom + 1e-5)
+    return ce + dice.mean()
+
+
+def _down_weight(weight: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    if tuple(weight.shape[1:]) == tuple(shape):
+        return weight
+    return F.interpolate(weight.unsqueeze(1).float(), size=tuple(shape), mode="nearest").squeeze(1)
+
+
+def over_heads(outputs: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor, weight: torch.Tensor,
+               loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = masked_dice_ce,
+               ) -> torch.Tensor:
+    """``loss`` on a network's output, or on every deep-supervision head (full resolution first,
+    weights halving per level as in :class:`~medunet.training.losses.DeepSupervisionLoss`), with
+    target and weights down-sampled (nearest) to each head."""
+    if isinstance(outputs, torch.Tensor):
+        return loss(outputs, target, weight)
+    w = torch.tensor([0.5 ** i for i in range(len(outputs))])
+    w = (w / w.sum()).tolist()
+    total = outputs[0].new_zeros((), dtype=torch.float32)
+    for wi, out in zip(w, outputs, strict=True):
+        shape = out.shape[2:]
+        total = total + wi * loss(out, downsample_target(target, shape), _down_weight(weight, shape))
+    return total
+
+
+def box_mask(batch: int, shape: Sequence[int], ratio: float, generator: torch.Generator,
+             device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(B, *S)`` bool: per sample a box whose edges are ``ratio`` of the patch's (at least one
+    voxel) at a random position: BCP's copy-paste region."""
+    mask = torch.zeros((batch, *shape), dtype=torch.bool)
+    for b in range(batch):
+        region = []
+        for n in shape:
+            edge = max(1, min(n, int(round(n * ratio))))
+            start = int(torch.randint(0, n - edge + 1, (1,), generator=generator))
+            region.append(slice(start, start + edge))
+        mask[(b, *region)] = True
+    return mask.to(device)
+
+
+def copy_paste(background: torch.Tensor, foreground: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``foreground`` inside ``mask`` ``(B, *S)``, ``background`` elsewhere: images ``(B, C, *S)``
+    and label maps ``(B, *S)`` alike."""
+    m = mask if mask.ndim == background.ndim else mask.unsqueeze(1)
+    return torch.where(m, foreground, background)
+
+
+def perturb(x: torch.Tensor, generator: torch.Generator, noise: float
+            ) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
+    """The teacher's view of a batch: per sample random flips, a brightness/contrast change
+    (scale 0.9-1.1, shift +-0.1) and clipped Gaussian noise; returns the flipped axes per
+    sample, for :func:`unflip` on the output."""
+    b, spatial = x.shape[0], x.ndim - 2
+    u = torch.rand((b, 2 + spatial), generator=generator)
+    scale = (0.9 + 0.2 * u[:, 0]).to(x.device, x.dtype).view(b, *([1] * (x.ndim - 1)))
+    shift = (0.2 * u[:, 1] - 0.1).to(x.device, x.dtype).view(b, *([1] * (x.ndim - 1)))
+    out = x * scale + shift
+    if noise > 0:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        g = torch.Generator(device=x.device).manual_seed(seed)
+        n = torch.randn(x.shape, generator=g, device=x.device, dtype=torch.float32) * noise
+        out = out + n.clamp(-2 * noise, 2 * noise).to(x.dtype)
+    flips = [tuple(2 + a for a in range(spatial) if u[i, 2 + a] < 0.5 and x.shape[2 + a] > 1)
+             for i in range(b)]
+    out = torch.stack([o.flip([a - 1 for a in f]) if f else o for o, f in zip(out, flips, strict=True)])
+    return out, flips
+
+
+def unflip(y: torch.Tensor, flips: list[tuple[int, ...]]) -> torch.Tensor:
+    """Undo :func:`perturb`'s flips on an output ``(B, K, *S)``."""
+    return torch.stack([o.flip([a - 1 for a in f]) if f else o for o, f in zip(y, flips, strict=True)])
+
+
+@contextmanager
+def batch_statistics(net: nn.Module) -> Iterator[nn.Module]:
+    """The network (in eval mode otherwise) normalising with each batch's own statistics, its
+    running statistics untouched (momentum 0): how the teacher predicts in the mean-teacher and
+    UA-MT authors' code. Early in a run the running statistics (copied from the student) lag
+    far behind its weights, and an eval-mode teacher then teaches near-constant maps."""
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.training, m.momentum) for m in norms]
+    for m in norms:
+        m.train()
+        m.momentum = 0.0
+    try:
+        yield net
+    finally:
+        for m, (training, momentum) in zip(norms, saved, strict=True):
+            m.train(training)
+            m.momentum = momentum
+
+
+def _head_convs(net: nn.Module, num_classes: int) -> list[nn.Module]:
+    """The 1x1 convolutions producing the class logits (the segmentation heads)."""
+    return [m for m in net.modules()
+            if isinstance(m, nn.modules.conv._ConvNd) and getattr(m, "out_channels", None) == num_classes
+            and all(k == 1 for k in m.kernel_size)]
+
+
+@torch.no_grad()
+def mc_predict(teacher: nn.Module, x: torch.Tensor, passes: int, noise: float, dropout: float,
+               generator: torch.Generator, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Monte-Carlo teacher prediction (UA-MT): ``passes`` forward passes with input noise and
+    dropout on the segmentation head's input; returns the mean probabilities ``(B, K, *S)`` and
+    their entropy ``(B, *S)`` (the uncertainty)."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    g = torch.Generator(device=x.device).manual_seed(seed)
+
+    def drop(_module: nn.Module, args: tuple) -> tuple:
+        (h,) = args
+        if dropout <= 0:
+            return args
+        keep = torch.rand(h.shape, generator=g, device=h.device) >= dropout
+        return (h * keep.to(h.dtype) / (1.0 - dropout),)
+
+    hooks = [m.register_forward_pre_hook(drop) for m in _head_convs(teacher, num_classes)]
+    try:
+        xs = x.repeat(passes, *([1] * (x.ndim - 1)))
+        if noise > 0:
+            n = torch.randn(xs.shape, generator=g, device=x.device, dtype=torch.float32) * noise
+            xs = xs + n.clamp(-2 * noise, 2 * noise).to(xs.dtype)
+        with batch_statistics(teacher):
+            out = teacher(xs.contiguous(memory_format=memory_format(x.ndim - 2)))
+    finally:
+        for h in hooks:
+            h.remove()
+    probs = torch.softmax(out.float(), 1).reshape(passes, x.shape[0], *out.shape[1:]).mean(0)
+    entropy = -(probs * torch.log(probs + 1e-6)).sum(1)
+    return probs, entropy
+
+
+# --------------------------------------------------------------------------------------------
+# unlabelled patches
+
+
+class ImageSampler:
+    """Uniformly placed patch batches ``(B, C, *P)`` from unlabelled cases (preprocessed,
+    memory-mapped); cases smaller than the patch are padded with 0, as :class:`PatchSampler`
+    pads labelled ones."""
+
+    def __init__(self, images: Sequence[np.ndarray], patch: Sequence[int], batch_size: int,
+                 rng: np.random.Generator) -> None:
+        self.patch = np.asarray(patch, dtype=int)
+        self.batch_size, self.rng = batch_size, rng
+        self.images = []
+        for img in images:
+            pad = np.maximum(self.patch - np.array(img.shape[1:]), 0)
+            if pad.any():
+                img = np.pad(img, [(0, 0), *[(p // 2, p - p // 2) for p in pad]])
+            self.images.append(img)
+
+    def sample(self) -> np.ndarray:
+        out = []
+        for _ in range(self.batch_size):
+            img = self.images[int(self.rng.integers(len(self.images)))]
+            start = self.rng.integers(0, np.array(img.shape[1:]) - self.patch + 1)
+            sl = tuple(slice(s, s + p) for s, p in zip(start, self.patch, strict=True))
+            out.append(img[(slice(None), *sl)])
+        return np.stack(out).astype(np.float32, copy=False)
+
+
+# --------------------------------------------------------------------------------------------
+# the mode
+
+
+class SemiMode(SupervisedMode):
+    """Supervised training of labelled patches plus the method's unlabelled term.
+
+    ``ema`` (the base class's) is the teacher for ``mean-teacher``, ``uamt`` and ``bcp``
+    (decay ``ema_decay``, folded in every step) and the plan's EMA otherwise; ``net_b`` is the
+    second network of ``cps`` (the optimiser steps both). ``progress`` is the run's share done
+    (the trainer binds it to :meth:`Loop.progress`): it drives the ramp and the pseudo rounds.
+    Checkpoints add the unlabelled sampler's and the perturbations' random states, ``model_b``,
+    and the frozen pseudo-label model with its round.
+    """
+
+    name = "semi"
+
+    def __init__(self, *args, settings: dict, unlabeled: ImageSampler, semi_gen: torch.Generator,
+                 net_b: nn.Module | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.s, self.method = settings, settings["method"]
+        self.unlabeled, self.semi_gen, self.net_b = unlabeled, semi_gen, net_b
+        self.progress: Callable[[], float] = lambda: 0.0
+        self.pseudo_net: nn.Module | None = None
+        self.pseudo_round = 0
+        self.name = f"semi {self.method}"
+        if self.method == "cps" and net_b is None:
+            raise ValueError("cps needs a second network")
+        if self.method in ("mean-teacher", "uamt", "bcp") and self.ema is None:
+            raise ValueError(f"{self.method} needs the teacher (ema)")
+
+    def train(self) -> None:
+        super().train()
+        if self.net_b is not None:
+            self.net_b.train()
+
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Labelled patches (augmented with their labels) and unlabelled ones (the same
+        augmentation, drawn independently)."""
+        x, y = super().draw()
+        u = torch.from_numpy(self.unlabeled.sample()).to(self.device, non_blocking=True)
+        dummy = torch.zeros((u.shape[0], *u.shape[2:]), dtype=torch.uint8, device=u.device)
+        u, _ = augment_batch(u, dummy, self.plan.training.get("augment"), self.aug_gen)
+        return x, y, u.contiguous(memory_format=memory_format(self.plan.dim))
+
+    def weight(self) -> float:
+        return float(self.s["consistency"]) * sigmoid_ramp(self.progress(), float(self.s["ramp_up"]))
+
+    def losses(self, x: torch.Tensor, y: torch.Tensor, u: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, dict[str, float]]:
+        if u is None:  # a labelled batch alone (SupervisedMode's signature)
+            return super().losses(x, y)
+        w = self.weight()
+        if self.method == "cps":
+            return self._cps(x, y, u, w)
+        if self.method == "bcp":
+            return self._bcp(x, y, u, w)
+        if self.method == "pseudo" and not self._pseudo_ready():
+            sup = self.loss_fn(self.train_net(x), y)
+            return sup, {"supervised_loss": float(sup.detach()), "unlabeled_loss": float("nan"),
+                         "unlabeled_weight": 0.0}
+        n = x.shape[0]
+        out = self.train_net(torch.cat([x, u]))
+        heads = list(out) if isinstance(out, (list, tuple)) else [out]
+        sup = self.loss_fn([h[:n] for h in heads] if len(heads) > 1 else heads[0][:n], y)
+        student_u = [h[n:] for h in heads]
+        if self.method == "pseudo":
+            with torch.no_grad():  # a trained, frozen model: its running statistics are right
+                probs = torch.softmax(self.pseudo_net(u).float(), 1)
+            target = pseudo_labels(probs, float(self.s["pseudo_threshold"]))
+            valid = (target != IGNORE).float()
+            unsup = over_heads(student_u if len(student_u) > 1 else student_u[0], target, valid)
+        else:
+            teacher = self.ema.module
+            if self.method == "uamt":
+                probs, entropy = mc_predict(teacher, u, int(self.s["uncertainty_passes"]),
+                                            float(self.s["noise"]), float(self.s["dropout"]), self.semi_gen,
+                                            self.plan.num_classes)
+                limit = (0.75 + 0.25 * sigmoid_ramp(self.progress(), float(self.s["ramp_up"]))) \
+                    * math.log(self.plan.num_classes)
+                mask = entropy < limit
+            else:
+                with torch.no_grad(), batch_statistics(teacher):
+                    tu, flips = perturb(u, self.semi_gen, float(self.s["noise"]))
+                    probs = unflip(torch.softmax(teacher(tu).float(), 1), flips)
+                mask = None
+            unsup = consistency_loss(student_u[0], probs, mask)
+        return _total(sup, unsup, w)
+
+    # ---- methods with their own forward passes
+
+    def _cps(self, x: torch.Tensor, y: torch.Tensor, u: torch.Tensor, w: float
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Both networks on labelled + unlabelled patches; each learns the other's argmax."""
+        n = x.shape[0]
+        xu = torch.cat([x, u])
+        out_a, out_b = self.train_net(xu), self.net_b(xu)
+
+        def labelled(out: torch.Tensor | list) -> torch.Tensor | list:
+            return [h[:n] for h in out] if isinstance(out, (list, tuple)) else out[:n]
+
+        def full(out: torch.Tensor | list) -> torch.Tensor:
+            return out[0] if isinstance(out, (list, tuple)) else out
+
+        sup = self.loss_fn(labelled(out_a), y) + self.loss_fn(labelled(out_b), y)
+        target_a = full(out_b).detach().argmax(1)  # what network a learns: b's labels
+        target_b = full(out_a).detach().argmax(1)
+        ones = torch.ones(target_a.shape, device=target_a.device)
+        unsup = (over_heads(out_a, target_a, ones, weighted_ce)
+                 + over_heads(out_b, target_b, ones, weighted_ce))
+        return _total(sup, unsup, w)
+
+    def _bcp(self, x: torch.Tensor, y: torch.Tensor, u: torch.Tensor, w: float
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Bidirectional copy-paste: an unlabelled box into a labelled patch and a labelled box
+        into an unlabelled patch; labels inside/outside from the label and the teacher."""
+        with torch.no_grad(), batch_statistics(self.ema.module) as teacher:
+            y_u = teacher(u).float().argmax(1)
+        pairs = max(x.shape[0], u.shape[0])
+        il = [i % x.shape[0] for i in range(pairs)]
+        iu = [i % u.shape[0] for i in range(pairs)]
+        xl, yl, xu, yu = x[il], y[il], u[iu], y_u[iu]
+        m = box_mask(pairs, x.shape[2:], float(self.s["bcp_box"]), self.semi_gen, x.device)
+        x_in, y_in = copy_paste(xl, xu, m), copy_paste(yl, yu, m)  # unlabelled box inside a labelled patch
+        x_out, y_out = copy_paste(xu, xl, m), copy_paste(yu, yl, m)  # labelled box inside an unlabelled patch
+        from_label = torch.cat([~m, m]).float()
+        out = self.train_net(torch.cat([x_in, x_out]).contiguous(memory_format=memory_format(self.plan.dim)))
+        target = torch.cat([y_in, y_out])
+        sup = over_heads(out, target, from_label)
+        unsup = over_heads(out, target, 1.0 - from_label)
+        return _total(sup, unsup, w)
+
+    def _pseudo_ready(self) -> bool:
+        """Whether this step is in a pseudo-label round (not the first, labelled-only part);
+        entering a round freezes the current model as the one whose predictions are targets."""
+        rounds = int(self.s["pseudo_rounds"])
+        now = min(rounds, int(math.floor(self.progress() * (rounds + 1) + 1e-9)))
+        if now > self.pseudo_round or (now and self.pseudo_net is None):
+            self.pseudo_round = now
+            self.pseudo_net = _frozen(self.eval_net)
+        return self.pseudo_round > 0
+
+    # ---- checkpoints
+
+    def checkpoint(self) -> dict:
+        return {
+            **super().checkpoint(),
+            "semi_method": self.method,
+            "unlabeled_rng": self.unlabeled.rng.bit_generator.state,
+            "semi_rng": self.semi_gen.get_state(),
+            "model_b": self.net_b.state_dict() if self.net_b is not None else None,
+            "pseudo_model": self.pseudo_net.state_dict() if self.pseudo_net is not None else None,
+            "pseudo_round": self.pseudo_round,
+        }
+
+    def restore(self, ckpt: dict, source: str) -> None:
+        if ckpt.get("semi_method") != self.method:
+            raise InputError(f"the checkpoint was not written by --semi {self.method} "
+                             f"(it holds {ckpt.get('semi_method') or 'a supervised run'})", source,
+                             "resume with the run's own settings, or train into another -o")
+        super().restore(ckpt, source)
+        self.unlabeled.rng.bit_generator.state = ckpt["unlabeled_rng"]
+        self.semi_gen.set_state(ckpt["semi_rng"])
+        if self.net_b is not None:
+            self.net_b.load_state_dict(ckpt["model_b"])
+        self.pseudo_round = int(ckpt.get("pseudo_round", 0))
+        self.pseudo_net = None
+        if ckpt.get("pseudo_model") is not None:
+            self.pseudo_net = _frozen(self.eval_net)
+            self.pseudo_net.load_state_dict(ckpt["pseudo_model"])
+
+    def reseed(self, seed: int) -> None:
+        super().reseed(seed)
+        self.unlabeled.rng = np.random.default_rng(seed + 1)
+        self.semi_gen.manual_seed(seed + 2)
+
+
+def _total(sup: torch.Tensor, unsup: torch.Tensor, w: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss and the parts ``log.csv`` shows."""
+    return sup + w * unsup, {"supervised_loss": float(sup.detach()), "unlabeled_loss": float(unsup.detach()),
+                             "unlabeled_weight": w}
+
+
+def weighted_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy, each voxel counted with ``weight``."""
+    ce = F.cross_entropy(logits.float(), target.long(), reduction="none")
+    return (ce * weight).sum() / weight.sum().clamp_min(1e-6)
+
+
+def _frozen(net: nn.Module) -> nn.Module:
+    frozen = copy.deepcopy(net).eval()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    return frozen
+
+
+# --------------------------------------------------------------------------------------------
+# building the mode (called by the trainer)
+
+
+def build_semi_mode(plan, net: nn.Module, train_net: nn.Module, loss_fn: nn.Module,
+                    labelled: tuple[list, list], unlabeled: list[np.ndarray], device: torch.device,
+                    precision: str, seed: int, settings: dict) -> SemiMode:
+    """A :class:`SemiMode` for ``plan`` with its samplers, optimiser, teacher or second network."""
+    from medunet.training.optim import ModelEMA, build_optimizer
+    from medunet.training.sampler import PatchSampler
+
+    t = plan.training
+    method = settings["method"]
+    n_l, n_u = batch_split(plan.batch_size, float(settings["unlabeled_ratio"]))
+    net_b = None
+    if method == "cps":  # the second network: same plan, another initialisation
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 104729)
+            net_b = plan.build_network().to(device).to(memory_format=memory_format(plan.dim))
+        optimizer = build_optimizer(nn.ModuleList([net, net_b]), t)
+    else:
+        optimizer = build_optimizer(net, t)
+    if method in ("mean-teacher", "uamt", "bcp"):
+        ema = ModelEMA(net, float(settings["ema_decay"]), 1)
+    else:
+        ema = ModelEMA(net, t["ema"], t.get("ema_every", 1)) if t.get("ema") else None
+    sampler = PatchSampler(labelled[0], labelled[1], plan.patch_size, n_l, t["fg_oversample"],
+                           np.random.default_rng(seed))
+    return SemiMode(plan, net, optimizer, torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+                    loss_fn, sampler, torch.Generator().manual_seed(seed), device, precision, ema=ema,
+                    train_net=train_net, settings=settings,
+                    unlabeled=ImageSampler(unlabeled, plan.patch_size, n_u, np.random.default_rng(seed + 1)),
+                    semi_gen=torch.Generator().manual_seed(seed + 2), net_b=net_b)
+
+
+def semi_reason(settings: dict, n_unlabeled: int, source: str) -> str:
+    """The plan's ``reasons['training.semi']``: what the settings mean, from their values."""
+    s = settings
+    text = (f"semi-supervised ({s['method']}) with {n_unlabeled} unlabelled case(s) from {source}; "
+            f"unlabelled:labelled patches {s['unlabeled_ratio']:g}:1 per batch, unlabelled weight "
+            f"{s['consistency']:g} ramped (sigmoid) over the first {100 * s['ramp_up']:g}% of the run")
+    if s["method"] in ("mean-teacher", "uamt", "bcp"):
+        text += f"; teacher = EMA {s['ema_decay']:g} of the student, validated and saved"
+    if s["method"] == "pseudo":
+        text += f"; {s['pseudo_rounds']} pseudo-label round(s), threshold {s['pseudo_threshold']:g}"
+    if s["method"] == DEFAULT_METHOD:
+        text += " (default method, to be confirmed by bench/semisup.py)"
+    return text
+
+
+def unlabeled_source(folder: Path | None) -> str:
+    return "imagesTr (images without a label)" if folder is None else str(folder)

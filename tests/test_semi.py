@@ -1,0 +1,534 @@
+"""Semi-supervised training (``medunet train --unlabeled [DIR] --semi METHOD``): the pieces of
+every method, the mode on the one loop, resume after SIGKILL, bad input, and a tiny task on which
+unlabelled data raises the validation Dice."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medunet.datasets import Case, check_unlabeled
+from medunet.datasets.synthetic import make_synthetic_dataset, synthetic_case
+from medunet.errors import InputError
+from medunet.io import Geometry, write_image
+from medunet.planning import Plan, prepare_plan
+from medunet.planning.plan import TYPED_SECTIONS
+from medunet.training import train
+from medunet.training.losses import build_loss
+from medunet.training.semi import (
+    IGNORE,
+    METHODS,
+    SEMI_DEFAULTS,
+    ImageSampler,
+    batch_split,
+    batch_statistics,
+    box_mask,
+    build_semi_mode,
+    consistency_loss,
+    copy_paste,
+    masked_dice_ce,
+    mc_predict,
+    perturb,
+    pseudo_labels,
+    semi_settings,
+    sigmoid_ramp,
+    unflip,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.one_thread)
+
+
+TINY = {"training.iterations_per_epoch": 2, "batch_size": 4, "network.features": [8, 16, 32, 64]}
+FP32 = {"progress": False, "report": False, "precision": "fp32"}
+
+
+def _drop_labels(data: Path, ids: range) -> None:
+    for i in ids:
+        (data / "labelsTr" / f"synth_tr{i:03d}.png").unlink()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """2D: 6 labelled training images and 4 without labels in imagesTr."""
+    root = tmp_path_factory.mktemp("semi")
+    d = make_synthetic_dataset(root / "data", n_train=10, n_test=1, shape=(32, 32), seed=3)
+    _drop_labels(d, range(6, 10))
+    return d
+
+
+# --------------------------------------------------------------------------------------------
+# settings
+
+
+def test_settings_defaults_plan_keys_and_errors():
+    s = semi_settings(None)
+    assert s["method"] == "mean-teacher" and s["ema_decay"] == 0.99 and s["unlabeled_ratio"] == 1.0
+    assert s["ramp_up"] == 0.4 and s["consistency"] == 1.0 and s["pseudo_threshold"] == 0.9
+    assert semi_settings(None, "bcp")["consistency"] == 0.5  # BCP's alpha
+    assert semi_settings({"method": "cps"}, pseudo_threshold=0.8)["pseudo_threshold"] == 0.8
+    assert TYPED_SECTIONS["training.semi"] == frozenset(SEMI_DEFAULTS)  # --set knows every key
+    with pytest.raises(InputError, match="did you mean 'training.semi.ema_decay'"):
+        semi_settings({"ema_decay_": 0.9})
+    with pytest.raises(InputError, match="--semi mean-teacher, uamt, cps, bcp, pseudo"):
+        semi_settings(None, "fixmatch")
+    for bad in ({"pseudo_threshold": 1.0}, {"unlabeled_ratio": 0}, {"ema_decay": 1.0},
+                {"pseudo_rounds": 0}, {"ramp_up": 2}):
+        with pytest.raises(InputError, match="out of range"):
+            semi_settings(bad)
+
+
+def test_plan_override_checks_semi_keys(data):
+    _, plan = prepare_plan(_labelled_copy(data))
+    p = plan.override({"training.semi.method": "cps", "training.semi.ema_decay": 0.95})
+    assert p.training["semi"] == {"method": "cps", "ema_decay": 0.95}
+    with pytest.raises(InputError, match="did you mean 'training.semi.method'"):
+        plan.override({"training.semi.methd": "cps"})
+
+
+def _labelled_copy(data: Path) -> Path:
+    """The dataset without its unlabelled images (what plain supervised training accepts)."""
+    out = data.parent / "labelled_only"
+    if not out.exists():
+        shutil.copytree(data, out)
+        for p in (out / "imagesTr").iterdir():
+            if not (out / "labelsTr" / p.name.replace("_0000", "")).exists():
+                p.unlink()
+    return out
+
+
+def test_ramp_and_batch_split():
+    assert sigmoid_ramp(0.0, 0.4) == pytest.approx(math.exp(-5))
+    assert sigmoid_ramp(0.2, 0.4) == pytest.approx(math.exp(-1.25))
+    assert sigmoid_ramp(0.4, 0.4) == sigmoid_ramp(0.9, 0.4) == 1.0
+    assert sigmoid_ramp(0.0, 0.0) == 1.0
+    assert batch_split(2, 1.0) == (1, 1) and batch_split(12, 1.0) == (6, 6)
+    assert batch_split(12, 2.0) == (4, 8) and batch_split(1, 1.0) == (1, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# the pieces
+
+
+def test_consistency_loss_zero_for_identical_and_pulls_towards_the_teacher():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8, generator=g, requires_grad=True)
+    same = torch.softmax(logits.detach(), 1)
+    assert consistency_loss(logits, same).item() == pytest.approx(0.0, abs=1e-12)
+    # a teacher more certain of class 2 everywhere: the loss falls when the student's class-2
+    # logit rises, i.e. its gradient there is negative (a descent step raises it)
+    teacher = torch.softmax(logits.detach() + torch.tensor([0.0, 0.0, 3.0]).view(1, 3, 1, 1), 1)
+    consistency_loss(logits, teacher).backward()
+    assert (logits.grad[:, 2] < 0).all() and (logits.grad[:, :2].sum(1) > 0).all()
+    # a mask restricts it to its voxels; no gradient flows into the teacher
+    mask = torch.zeros(2, 8, 8, dtype=torch.bool)
+    assert consistency_loss(logits, teacher, mask).item() == 0.0
+    t = teacher.clone().requires_grad_(True)
+    consistency_loss(logits.detach().requires_grad_(True), t).backward()
+    assert t.grad is None
+
+
+def test_only_voxels_above_the_threshold_become_pseudo_labels():
+    probs = torch.tensor([[0.95, 0.05], [0.5, 0.5], [0.1, 0.9], [0.02, 0.98], [0.89, 0.11]])
+    probs = probs.T.reshape(1, 2, 5, 1)  # (B, K, H, W)
+    labels = pseudo_labels(probs, 0.9)
+    assert labels.flatten().tolist() == [0, IGNORE, IGNORE, 1, IGNORE]  # 0.9 itself is not above
+    # ignored voxels carry no loss: flipping the student there changes nothing
+    logits = torch.randn(1, 2, 5, 1)
+    w = (labels != IGNORE).float()
+    flipped = logits.clone()
+    flipped[..., 1:3, :] = -flipped[..., 1:3, :]
+    same = masked_dice_ce(flipped, labels, w).item()
+    assert masked_dice_ce(logits, labels, w).item() == pytest.approx(same)
+
+
+@pytest.mark.parametrize("shape", [(12, 10), (6, 8, 10)])
+def test_copy_paste_masks_mix_the_right_regions(shape):
+    g = torch.Generator().manual_seed(1)
+    m = box_mask(3, shape, 0.5, g)
+    assert m.shape == (3, *shape)
+    for b in range(3):  # one box per sample, edges half the patch's
+        idx = m[b].nonzero()
+        extent = (idx.max(0).values - idx.min(0).values + 1).tolist()
+        assert extent == [round(n * 0.5) for n in shape] and int(m[b].sum()) == math.prod(extent)
+    xl, xu = torch.full((3, 2, *shape), 1.0), torch.full((3, 2, *shape), -1.0)
+    yl, yu = torch.ones((3, *shape), dtype=torch.long), torch.full((3, *shape), 2, dtype=torch.long)
+    x_in, y_in = copy_paste(xl, xu, m), copy_paste(yl, yu, m)  # unlabelled box in a labelled patch
+    x_out, y_out = copy_paste(xu, xl, m), copy_paste(yu, yl, m)  # labelled box in an unlabelled patch
+    mm = m.unsqueeze(1).expand_as(x_in)
+    assert (x_in[mm] == -1).all() and (x_in[~mm] == 1).all()
+    assert (x_out[mm] == 1).all() and (x_out[~mm] == -1).all()
+    assert (y_in[m] == 2).all() and (y_in[~m] == 1).all() and (y_out[m] == 1).all() and (y_out[~m] == 2).all()
+
+
+def test_perturbation_flips_are_undone_and_mc_uncertainty():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 1, 8, 6)
+    xp, flips = perturb(x, g, 0.0)
+    assert any(flips) and unflip(xp, flips).shape == x.shape
+    # without noise, perturb is flip + affine intensity: undoing the flips leaves x * a + b per sample
+    back = unflip(xp, flips)
+    for i in range(4):
+        a = np.polyfit(x[i].flatten().numpy(), back[i].flatten().numpy(), 1)
+        assert 0.89 < a[0] < 1.11 and abs(a[1]) < 0.11
+    nn = torch.nn
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    probs, entropy = mc_predict(net, x, 4, 0.1, 0.5, g, 2)
+    assert probs.shape == (4, 2, 8, 6) and torch.allclose(probs.sum(1), torch.ones(4, 8, 6))
+    assert entropy.shape == (4, 8, 6) and (entropy >= 0).all() and (entropy <= math.log(2) + 1e-5).all()
+    # one pass without noise or dropout is the plain prediction
+    p1, _ = mc_predict(net, x, 1, 0.0, 0.0, g, 2)
+    assert torch.allclose(p1, torch.softmax(net(x), 1), atol=1e-6)
+    assert not any(h for m in net.modules() for h in m._forward_pre_hooks.values())  # hooks removed
+
+
+def test_teacher_batch_statistics_leave_the_running_ones_alone():
+    nn = torch.nn
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1)).eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(3, 1, 8, 8) * 5 + 2
+    with torch.no_grad(), batch_statistics(net):
+        out = net(x)
+        assert net[1].training and not net.training
+    h = net[0](x)  # normalised with this batch's own mean and variance
+    ref = net[2]((h - h.mean((0, 2, 3), keepdim=True)) / torch.sqrt(h.var((0, 2, 3), unbiased=False,
+                                                                          keepdim=True) + 1e-5))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert not net[1].training and net[1].momentum == 0.1
+    for k, v in net.state_dict().items():
+        if k != "1.num_batches_tracked":
+            assert torch.equal(v, before[k]), k
+
+
+def test_unlabelled_patches_are_padded_and_uniform():
+    rng = np.random.default_rng(0)
+    sampler = ImageSampler([rng.standard_normal((2, 10, 30)).astype(np.float32)], [16, 16], 5, rng)
+    batch = sampler.sample()
+    assert batch.shape == (5, 2, 16, 16) and batch.dtype == np.float32
+    assert (batch[:, :, :3] == 0).all()  # 10 rows padded to 16: 3 zero rows above, 3 below
+
+
+def _mode(plan: Plan, method: str, seed: int = 0, **semi):
+    rng = np.random.default_rng(seed)
+    imgs = [rng.standard_normal((1, 32, 32)).astype(np.float32) for _ in range(3)]
+    labs = [(rng.random((32, 32)) > 0.7).astype(np.uint8) for _ in range(3)]
+    unl = [rng.standard_normal((1, 40, 36)).astype(np.float32) for _ in range(2)]
+    torch.manual_seed(seed)
+    net = plan.build_network()
+    heads = len(net.heads) if net.deep_supervision else 0
+    loss = build_loss("dice_ce", plan.num_classes, deep_supervision=heads)
+    return build_semi_mode(plan, net, net, loss, (imgs, labs), unl, torch.device("cpu"), "fp32", seed,
+                           semi_settings(semi, method))
+
+
+@pytest.fixture(scope="module")
+def plan(data) -> Plan:
+    _, p = prepare_plan(_labelled_copy(data), overrides=TINY)
+    return p
+
+
+def test_the_teacher_is_exactly_the_ema_of_the_student(plan):
+    mode = _mode(plan, "mean-teacher", ema_decay=0.9)
+    teacher = [p.detach().clone() for p in mode.net.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(teacher, mode.ema.module.parameters(), strict=True))
+    mode.train()
+    for n in range(1, 6):
+        mode.step(mode.draw(), 1e-2)
+        d = min(0.9, (1 + n) / (10 + n))  # ModelEMA's ramped decay, folded in every step
+        teacher = [d * t + (1 - d) * s.detach() for t, s in zip(teacher, mode.net.parameters(), strict=True)]
+    for t, e in zip(teacher, mode.ema.module.parameters(), strict=True):
+        torch.testing.assert_close(e, t, rtol=0, atol=1e-6)
+    for e, s in zip(mode.ema.module.buffers(), mode.net.buffers(), strict=True):  # BN statistics copied
+        assert torch.equal(e, s)
+    assert mode.eval_net is mode.ema.module and mode.checkpoint()["ema_model"] is not None
+
+
+def test_cps_trains_two_differently_initialised_networks(plan):
+    mode = _mode(plan, "cps")
+    a0 = [p.detach().clone() for p in mode.net.parameters()]
+    b0 = [p.detach().clone() for p in mode.net_b.parameters()]
+    assert not all(torch.equal(a, b) for a, b in zip(a0, b0, strict=True))
+    mode.train()
+    parts = mode.step(mode.draw(), 1e-2)
+    assert parts["unlabeled_loss"] > 0
+    for before, net in ((a0, mode.net), (b0, mode.net_b)):  # one optimiser steps both
+        assert not all(torch.equal(x, y.detach()) for x, y in zip(before, net.parameters(), strict=True))
+    assert mode.checkpoint()["model_b"] is not None
+
+
+def test_pseudo_rounds_freeze_the_model_at_each_round(plan):
+    mode = _mode(plan, "pseudo", pseudo_rounds=2)
+    progress = [0.0]
+    mode.progress = lambda: progress[0]
+    mode.train()
+    parts = mode.step(mode.draw(), 1e-2)
+    assert mode.pseudo_round == 0 and mode.pseudo_net is None and math.isnan(parts["unlabeled_loss"])
+    progress[0] = 0.34  # round 1 of 2 (the run in thirds)
+    mode.step(mode.draw(), 1e-2)
+    first = mode.pseudo_net
+    assert mode.pseudo_round == 1 and first is not None
+    mode.step(mode.draw(), 1e-2)
+    assert mode.pseudo_net is first  # frozen for the whole round
+    progress[0] = 0.7
+    mode.step(mode.draw(), 1e-2)
+    assert mode.pseudo_round == 2 and mode.pseudo_net is not first
+
+
+# --------------------------------------------------------------------------------------------
+# the mode on the loop: every method, 2D with and without deep supervision, 3D
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_a_model_dir_that_predicts(data, tmp_path, method):
+    from medunet.inference import Predictor
+
+    out = tmp_path / "m"
+    res = train(data, out, epochs=2, overrides=TINY, unlabeled=True, semi=method, **FP32)
+    assert res.epochs == 2 and res.iterations == 4
+    plan = Plan.load(out)
+    assert plan.training["semi"]["method"] == method and "semi-supervised" in plan.reasons["training.semi"]
+    split = json.loads((out / "splits.json").read_text())
+    unl = [f"synth_tr{i:03d}" for i in range(6, 10)]
+    assert split["unlabeled"] == {"folder": None, "cases": unl}
+    assert not set(unl) & set(split["val"] + split["train"])  # unlabelled cases never validate
+    assert sorted(p.name for p in (out.parent / "m" / "preprocessed" / "unlabeled").glob("*_img.npy")) == \
+        [f"{c}_img.npy" for c in unl]
+    header = (out / "log.csv").read_text().splitlines()[0].split(",")
+    assert {"supervised_loss", "unlabeled_loss", "unlabeled_weight"} <= set(header)
+    ckpt = torch.load(out / "checkpoint_last.pt", weights_only=True)
+    assert ckpt["semi_method"] == method and (ckpt["model_b"] is not None) == (method == "cps")
+    labels, _ = Predictor.load(out, precision="fp32").predict_array(
+        np.random.default_rng(0).integers(0, 255, (1, 32, 32)).astype(np.float32))
+    assert labels.shape == (32, 32)
+
+
+@pytest.mark.parametrize("method", ["uamt", "bcp"])
+def test_3d_through_the_same_code(tmp_path, method):
+    data = make_synthetic_dataset(tmp_path / "d3", n_train=5, n_test=0, shape=(16, 16, 16), seed=4)
+    folder = tmp_path / "unl"
+    folder.mkdir()
+    for i in (3, 4):  # two cases moved to an unlabelled folder
+        (data / "labelsTr" / f"synth_tr{i:03d}.nii.gz").unlink()
+        shutil.move(data / "imagesTr" / f"synth_tr{i:03d}_0000.nii.gz", folder)
+    ov = {"training.iterations_per_epoch": 2, "batch_size": 2, "patch_size": [16, 16, 16]}
+    train(data, tmp_path / "m", epochs=1, overrides=ov, unlabeled=folder, semi=method, **FP32)
+    split = json.loads((tmp_path / "m" / "splits.json").read_text())
+    assert split["unlabeled"] == {"folder": str(folder.resolve()), "cases": ["synth_tr003", "synth_tr004"]}
+    assert Plan.load(tmp_path / "m").dim == 3
+
+
+# --------------------------------------------------------------------------------------------
+# resume
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_an_interrupted_run_resumes_to_the_same_state(data, tmp_path, method, monkeypatch):
+    """Stopped right after epoch 1's checkpoint, the same call with ``resume`` ends with the
+    networks, EMA/teacher, second network, frozen pseudo-label model and counters of a run never
+    interrupted (with deep supervision: every method's losses on every head)."""
+    import medunet.training.loop as loop
+
+    # validation every epoch whatever its time share, so the counters compare exactly
+    ov = {**TINY, "network.deep_supervision": True, "training.val_time_share": 1000}
+    kw = {"epochs": 3, "overrides": ov, "unlabeled": True, "semi": method, **FP32}
+    train(data, tmp_path / "a", **kw)
+    save = loop.Loop.save
+
+    def stop_after_first(self, best):
+        save(self, best)
+        if self.state.epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop.Loop, "save", stop_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        train(data, tmp_path / "b", **kw)
+    monkeypatch.setattr(loop.Loop, "save", save)
+    train(data, tmp_path / "b", resume=True, **{k: v for k, v in kw.items() if k != "unlabeled"})
+    _same_state(tmp_path / "a", tmp_path / "b")
+
+
+def _same_state(a: Path, b: Path) -> None:
+    sa = torch.load(a / "checkpoint_last.pt", weights_only=True)
+    sb = torch.load(b / "checkpoint_last.pt", weights_only=True)
+    timing = ("elapsed", "val_seconds_total")
+    assert {k: v for k, v in sa["state"].items() if k not in timing} == \
+        {k: v for k, v in sb["state"].items() if k not in timing}
+    for key in ("model", "ema_model", "model_b", "pseudo_model"):
+        assert (sa.get(key) is None) == (sb.get(key) is None), key
+        for k in sa.get(key) or {}:
+            assert torch.allclose(sa[key][k].float(), sb[key][k].float(), atol=1e-6), (key, k)
+    assert sa["ema"] == sb["ema"] and sa["pseudo_round"] == sb["pseudo_round"]
+    assert [r.split(",")[0] for r in (b / "log.csv").read_text().splitlines()[1:]] == ["1", "2", "3"]
+
+
+def test_resume_after_sigkill_restores_every_network(data, tmp_path):
+    """A real SIGKILL during epoch 2 of a cross-pseudo-supervision run (two networks, an EMA):
+    ``--resume`` ends where the uninterrupted run does."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    kw = {"epochs": 2, "overrides": TINY, "semi": "cps", **FP32}
+    train(data, tmp_path / "a", unlabeled=True, **kw)
+    b = tmp_path / "b"
+    # slow the steps down so the kill lands inside epoch 2 (checkpoint of epoch 1 exists)
+    code = ("import time, torch; torch.set_num_threads(1); import medunet.training.semi as S; "
+            "s = S.SemiMode.step; "
+            "S.SemiMode.step = lambda self, x, lr: (time.sleep(0.3), s(self, x, lr))[1]; "
+            "from medunet.training import train; "
+            f"train({str(data)!r}, {str(b)!r}, epochs=2, overrides={TINY!r}, "
+            "unlabeled=True, semi='cps', progress=False, report=False, precision='fp32')")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.time() + 120
+    while not (b / "checkpoint_last.pt").exists() or \
+            torch.load(b / "checkpoint_last.pt", weights_only=True)["state"]["epoch"] < 1:
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert torch.load(b / "checkpoint_last.pt", weights_only=True)["state"]["epoch"] == 1
+    with pytest.raises(InputError, match="--resume"):
+        train(data, b, unlabeled=True, **kw)
+    with pytest.raises(InputError, match="trained with --semi cps"):
+        train(data, b, resume=True, **{**kw, "semi": "bcp"})
+    train(data, b, resume=True, **kw)  # the unlabelled images recorded in splits.json
+    sa = torch.load(tmp_path / "a" / "checkpoint_last.pt", weights_only=True)
+    sb = torch.load(b / "checkpoint_last.pt", weights_only=True)
+    assert sb["state"]["epoch"] == sa["state"]["epoch"] == 2
+    for key in ("model", "ema_model", "model_b"):
+        for k in sa[key]:
+            assert torch.allclose(sa[key][k].float(), sb[key][k].float(), atol=1e-6), (key, k)
+    assert not (b / ".train.lock").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# bad input: one clear error, nothing left behind
+
+
+def _refused(out: Path, match: str, *args, **kwargs) -> None:
+    with pytest.raises(InputError, match=match):
+        train(*args, **{**FP32, "epochs": 1, "overrides": TINY, **kwargs})
+    assert not out.exists() or not any(out.iterdir()), sorted(p.name for p in out.iterdir())
+
+
+def test_bad_unlabelled_input_is_refused_before_anything_is_written(data, tmp_path):
+    labelled = _labelled_copy(data)
+    out = tmp_path / "m"
+    _refused(out, "--semi needs unlabelled data", labelled, out, semi="cps")
+    _refused(out, "--pseudo-threshold needs unlabelled data", labelled, out, pseudo_threshold=0.8)
+    _refused(out, "every image in imagesTr has a label", labelled, out, unlabeled=True)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _refused(out, "no unlabelled images found", labelled, out, unlabeled=empty)
+    _refused(out, "not found", labelled, out, unlabeled=tmp_path / "missing")
+    rgb = tmp_path / "rgb"
+    rgb.mkdir()
+    img = np.random.default_rng(0).integers(0, 255, (3, 32, 32)).astype(np.uint8)
+    write_image(rgb / "u1_0000.png", img, Geometry.identity(2))
+    _refused(out, r"u1_0000.png: unlabelled image has 3 channel\(s\), the labelled images 1", labelled, out,
+             unlabeled=rgb)
+    _refused(out, "--pseudo-threshold is for --semi pseudo", data, out, unlabeled=True, semi="uamt",
+             pseudo_threshold=0.8)
+    _refused(out, "unknown semi-supervised method", data, out, unlabeled=True, semi="fixmatch")
+    _refused(out, "did you mean 'training.semi.ramp_up'", data, out, unlabeled=True,
+             overrides={**TINY, "training.semi.rampup": 0.3})
+    _refused(out, "one process", data, out, unlabeled=True, plan_options={"config": "cascade"})
+
+
+def test_unlabelled_images_of_another_dimension_are_refused(tmp_path):
+    img, _ = synthetic_case((8, 8, 8), np.random.default_rng(0))
+    path = tmp_path / "u_0000.nii.gz"
+    write_image(path, img.astype(np.float32), Geometry(spacing=(1.0, 1.0, 1.0)))
+    with pytest.raises(InputError, match="u_0000.nii.gz: unlabelled image is 3D, the labelled images 2D"):
+        check_unlabeled([Case("u", [path])], channels=1, dim=2)
+
+
+def test_cli_options(data, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    import medunet.training as training
+    from medunet.cli import app, optional_values
+
+    seen = {}
+    done = SimpleNamespace(best_dice=0.5, epochs=1, iterations=1, seconds=1.0, model_dir=tmp_path)
+    monkeypatch.setattr(training, "train", lambda d, o, **kw: seen.update(kw) or done)
+    runner = CliRunner()
+    args = optional_values(["train", str(data), "--unlabeled", "-o", str(tmp_path / "m"), "--semi", "bcp"])
+    assert args[2] == "--unlabeled=" and optional_values(["train", "--unlabeled"])[-1] == "--unlabeled="
+    runner.invoke(app, args)
+    assert seen["unlabeled"] is True and seen["semi"] == "bcp"
+    runner.invoke(app, ["train", str(data), "-o", str(tmp_path / "m"), "--unlabeled", str(tmp_path),
+                        "--semi", "pseudo", "--pseudo-threshold", "0.8"])
+    assert seen["unlabeled"] == tmp_path and seen["pseudo_threshold"] == 0.8
+    r = runner.invoke(app, optional_values(["train", str(data), "-o", str(tmp_path / "m"), "--unlabeled",
+                                            "--nproc", "2"]))
+    assert isinstance(r.exception, InputError) and "one process" in str(r.exception)
+
+
+def test_cli_bare_unlabeled_flag_and_exit_code(data, tmp_path):
+    """The real entry point: ``--unlabeled`` last on the line, on a dataset whose images all have
+    labels, is one line on stderr and exit code 2, and leaves nothing behind."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "m"
+    r = subprocess.run([sys.executable, "-m", "medunet", "train", str(_labelled_copy(data)), "-o", str(out),
+                        "--quiet", "--unlabeled"], capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert "every image in imagesTr has a label" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
+# --------------------------------------------------------------------------------------------
+# what it is for
+
+
+def _few_labels_task(root: Path) -> tuple[Path, Path, dict]:
+    """Synthetic blobs, 32 x 32: one labelled training image, ten labelled validation images and
+    twenty unlabelled images (the same kind). Returns the dataset with the unlabelled images in
+    imagesTr, the same dataset without them, and the split both runs use."""
+    rng = np.random.default_rng(7)
+    data, ids = root / "data", {"train": [], "val": []}
+    for i in range(31):
+        image, label = synthetic_case((32, 32), rng)
+        png = np.clip(image * 40 + 128, 0, 255).astype(np.uint8)
+        write_image(data / "imagesTr" / f"c{i:03d}_0000.png", png, Geometry.identity(2))
+        if i < 11:
+            write_image(data / "labelsTr" / f"c{i:03d}.png", label, Geometry.identity(2))
+            ids["train" if i == 0 else "val"].append(f"c{i:03d}")
+    (data / "dataset.json").write_text(json.dumps({"channel_names": {"0": "grey"}, "file_ending": ".png",
+                                                   "labels": {"background": 0, "lesion": 1}}))
+    labelled = root / "labelled"
+    shutil.copytree(data, labelled, ignore=lambda d, names: [n for n in names if "c011" <= n < "d"])
+    return data, labelled, ids
+
+
+def test_unlabelled_data_raises_validation_dice(tmp_path):
+    """The same 200 steps over the same labelled patches (4 per step, seeded), once alone and once
+    with 4 unlabelled patches per step (BCP, which measured best on this task): with a single
+    labelled image, the unlabelled ones raise the validation Dice (pooled over 10 images) by
+    about 4 points (0.81 -> 0.85, fp32, one thread: deterministic)."""
+    data, labelled, ids = _few_labels_task(tmp_path)
+    ov = {"training.iterations_per_epoch": 10, "training.patience": 0, "network.features": [8, 16, 32, 64]}
+    dice = {}
+    runs = (("labelled", labelled, {}), ("semi", data, {"unlabeled": True, "semi": "bcp"}))
+    for name, source, extra in runs:
+        out = tmp_path / f"model_{name}"
+        out.mkdir()
+        (out / "splits.json").write_text(json.dumps({"seed": 0, **ids}))  # the same split for both
+        batch = 8 if extra else 4  # 4 labelled (+ 4 unlabelled) patches per step
+        res = train(source, out, epochs=20, overrides={**ov, "batch_size": batch}, seed=0, **extra, **FP32)
+        assert json.loads((out / "splits.json").read_text())["val"] == ids["val"]
+        dice[name] = res.best_dice
+    assert dice["semi"] > dice["labelled"] + 0.02, dice
+    with pytest.raises(InputError, match="trained without unlabelled data"):
+        train(labelled, tmp_path / "model_labelled", resume=True, unlabeled=data / "imagesTr", **FP32)

@@ -37,6 +37,28 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+def kill_in_epoch_two(code: str, run_dir: Path, timeout: float = 120.0) -> None:
+    """Run ``python -c code`` (a training run into ``run_dir``) and SIGKILL it once epoch 1's
+    checkpoint is written, i.e. during epoch 2; asserts the kill landed there."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.time() + timeout
+    last = run_dir / "checkpoint_last.pt"
+    while not last.exists() or torch.load(last, weights_only=True)["state"]["epoch"] < 1:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert torch.load(last, weights_only=True)["state"]["epoch"] == 1, "killed too late: epoch 2 had finished"
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """``../shared/data``; the test is skipped when it is absent."""

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import kill_in_epoch_two
 from medunet.datasets.synthetic import make_synthetic_dataset
 from medunet.errors import InputError
 from medunet.nets import build_network
@@ -340,10 +341,6 @@ def test_distill_resumes_after_sigkill_like_an_uninterrupted_run(teacher, tmp_pa
     """Distillation runs on the trainer's loop: killed during epoch 2 (SIGKILL), the same
     command with --resume ends with the weights of a run never interrupted, and the student
     directory has the layout of a trained one."""
-    import signal
-    import subprocess
-    import sys
-    import time
 
     data, model = teacher
     a, b = tmp_path / "a", tmp_path / "b"
@@ -356,16 +353,7 @@ def test_distill_resumes_after_sigkill_like_an_uninterrupted_run(teacher, tmp_pa
     code = code.replace("import medunet.training.loop as L; ",
                         "import time, medunet.training.loop as L; s = L.SupervisedMode.step; "
                         "L.SupervisedMode.step = lambda self, b, lr: (time.sleep(0.3), s(self, b, lr))[1]; ")
-    proc = subprocess.Popen([sys.executable, "-c", code])
-    deadline = time.time() + 120
-    while not (b / "checkpoint_last.pt").exists() or \
-            torch.load(b / "checkpoint_last.pt", weights_only=True)["state"]["epoch"] < 1:
-        assert proc.poll() is None, "distillation ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert torch.load(b / "checkpoint_last.pt", weights_only=True)["state"]["epoch"] == 1
+    kill_in_epoch_two(code, b)
     with pytest.raises(InputError, match="--resume"):
         distill(model, b, data, **kw)
     distill(model, b, data, resume=True, **kw)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import kill_in_epoch_two
 from medunet.datasets import Case, check_unlabeled
 from medunet.datasets.synthetic import make_synthetic_dataset, synthetic_case
 from medunet.errors import InputError
@@ -369,10 +370,6 @@ def _same_state(a: Path, b: Path) -> None:
 def test_resume_after_sigkill_restores_every_network(data, tmp_path):
     """A real SIGKILL during epoch 2 of a cross-pseudo-supervision run (two networks, an EMA):
     ``--resume`` ends where the uninterrupted run does."""
-    import signal
-    import subprocess
-    import sys
-    import time
 
     kw = {"epochs": 2, "overrides": TINY, "semi": "cps", **FP32}
     train(data, tmp_path / "a", unlabeled=True, **kw)
@@ -384,16 +381,7 @@ def test_resume_after_sigkill_restores_every_network(data, tmp_path):
             "from medunet.training import train; "
             f"train({str(data)!r}, {str(b)!r}, epochs=2, overrides={TINY!r}, "
             "unlabeled=True, semi='cps', progress=False, report=False, precision='fp32')")
-    proc = subprocess.Popen([sys.executable, "-c", code])
-    deadline = time.time() + 120
-    while not (b / "checkpoint_last.pt").exists() or \
-            torch.load(b / "checkpoint_last.pt", weights_only=True)["state"]["epoch"] < 1:
-        assert proc.poll() is None, "training ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert torch.load(b / "checkpoint_last.pt", weights_only=True)["state"]["epoch"] == 1
+    kill_in_epoch_two(code, b)
     with pytest.raises(InputError, match="--resume"):
         train(data, b, unlabeled=True, **kw)
     with pytest.raises(InputError, match="trained with --semi cps"):

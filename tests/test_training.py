@@ -5,15 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import math
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import kill_in_epoch_two
 from medunet.datasets.synthetic import make_synthetic_dataset
 from medunet.errors import InputError
 from medunet.training import DiceCELoss, parse_duration, soft_dice_loss, train
@@ -276,16 +275,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_data, tmp_path):
         f"train({str(tiny_data)!r}, {str(b)!r}, epochs=2, overrides={ov!r}, progress=False, "
         "precision='fp32', report=False)"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code])
-    deadline = time.time() + 120
-    while not (b / "checkpoint_last.pt").exists():
-        assert proc.poll() is None, "training ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    state = torch.load(b / "checkpoint_last.pt", weights_only=True)["state"]
-    assert state["epoch"] == 1, "killed too late: epoch 2 had already finished"
+    kill_in_epoch_two(code, b)
     train(tiny_data, b, epochs=2, resume=True, progress=False, precision="fp32", report=False)
     sa = torch.load(a / "checkpoint_last.pt", weights_only=True)
     sb = torch.load(b / "checkpoint_last.pt", weights_only=True)

@@ -22,7 +22,7 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA, emit, machine, peer_eval  # noqa: E402
+from _common import DATA, budget_args, emit, machine, peer_eval  # noqa: E402
 
 DATASETS = {"drive": "Dataset001_DRIVE", "la": "Dataset003_LeftAtrium"}
 # pseudo names for the variants' sizes: name -> (arch, extra plan overrides)
@@ -89,13 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--archs", default="all", help="comma-separated variants (default all; resenc-L = "
                                                    "resenc at size L); see 'medunet archs'")
     ap.add_argument("--datasets", default="drive,la", help=f"comma-separated: {', '.join(DATASETS)}")
-    ap.add_argument("--budget", default="10m", help="training time budget per variant and dataset")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/medunet_bench_archs"))
-    ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
-    ap.add_argument("--set", dest="overrides", action="append", default=[],
-                    help="plan override key=value for every run (as for medunet train --set)")
-    ap.add_argument("--tta", default="none", help="test-time augmentation for the test cases")
-    ap.add_argument("--seed", type=int, default=0)
+    budget_args(ap, "/tmp/medunet_bench_archs")  # --budget --work --out --set --tta --seed
+    ap.set_defaults(budget="10m", tta="none")  # screening; trained with report=False: no TTA choice
     args = ap.parse_args(argv)
 
     known = _arch_names()

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA, emit, machine, peer_eval  # noqa: E402
+from _common import DATA, budget_args, emit, machine, peer_eval  # noqa: E402
 
 RUNS = ("labelled", "semi", "all")
 
@@ -97,16 +97,11 @@ def main(argv: list[str] | None = None) -> dict:
                          "all: every training case labelled")
     ap.add_argument("--method", default=None,
                     help="semi-supervised method (default: medunet's default, training.semi.method)")
-    ap.add_argument("--budget", default="30m", help="training time budget of every run (CPU)")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/medunet_bench_semisup"))
-    ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
-    ap.add_argument("--set", dest="overrides", action="append", default=[],
-                    help="plan override key=value (as for medunet train --set), every run")
-    ap.add_argument("--tta", default="none", help="test-time augmentation for the test cases")
+    budget_args(ap, "/tmp/medunet_bench_semisup")  # --budget (30m) --work --out --set --tta --seed
+    ap.set_defaults(tta="none")  # every run trains with report=False: no TTA choice is made
     ap.add_argument("--config", default="3d",
                     help="plan configuration of every run (semi-supervised training trains no cascade, "
                          "so the others do not either)")
-    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
     source = DATA / "Dataset003_LeftAtrium"

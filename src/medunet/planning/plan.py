@@ -241,12 +241,11 @@ def value_reasons(training: dict, inference: dict) -> dict[str, str]:
         out["training"] = text
     tta, choice = inference.get("tta"), inference.get("tta_choice")
     if tta is not None and choice and tta in ("none", "flip"):
+        chosen = "flip" if choice["flip"] - choice["none"] >= choice["min_gain"] else "none"
         out["inference.tta"] = (
             f"chosen on {choice['cases']} validation cases: mean Dice {choice['flip']:.4f} with mirroring, "
             f"{choice['none']:.4f} without; mirroring is kept when it gains >= "
-            f"{100 * choice['min_gain']:g} points" + ("" if tta == ("flip" if choice["flip"] - choice["none"]
-                                                     >= choice["min_gain"] else "none") else
-                                                     " (then changed by the user)"))
+            f"{100 * choice['min_gain']:g} points" + ("" if tta == chosen else " (then changed by the user)"))
     elif tta is not None:
         out["inference.tta"] = (
             "mirroring TTA (every combination of axis flips; the 3D default: +1 Dice point on a Left "

@@ -411,7 +411,7 @@ def test_predictor_crops_resamples_and_reverts_nifti(tmp_path):
     nib.save(nib.Nifti1Image(vol, affine), str(src))
     pred = Predictor(_geometry_plan(), [_SignNet()])
     image, geom = read_image(src)
-    work, info = pred._prepare(image, geom.spacing)
+    work, info, _ = pred._prepare(image, geom.spacing)
     assert info is not None and info.bbox == [[4, 36], [3, 33], [1, 11]]
     assert work.shape == (1, 22, 27, 20)  # the crop at the plan's spacing (1, 1, 1.5)
 
@@ -458,7 +458,7 @@ def test_predictor_plain_path_when_nothing_changes():
     vol, box = _box_volume()
     image = vol[None]
     pred = Predictor(_geometry_plan(crop_nonzero=False), [_SignNet()])
-    work, info = pred._prepare(image, (1.0, 1.005, 1.5))  # within 1 % of the plan's spacing
+    work, info, _ = pred._prepare(image, (1.0, 1.005, 1.5))  # within 1 % of the plan's spacing
     assert info is None and work is image
     assert pred._prepare(image, None)[1] is None  # no spacing given: already at the plan's
     labels, _ = pred.predict_array(image, probabilities=False)

@@ -15,7 +15,7 @@ PACKAGE = Path(medunet.__file__).parent
 # modeldir sits with planning: loading a network from a model directory needs the plan.
 RANKS = {
     "cli": 5, "demo": 5, "serve": 5, "__main__": 5,
-    "training": 4, "export": 4,
+    "training": 4, "export": 4, "nnunet": 4,
     "inference": 3,
     "planning": 2, "augment": 2, "evaluation": 2, "modeldir": 2,
     "preprocessing": 1, "datasets": 1, "nets": 1,

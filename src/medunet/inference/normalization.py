@@ -66,8 +66,13 @@ class WindowNormalizer:
                 low, high = float(sch["lower"]), float(sch["upper"])
                 sh, sc = low, 1.0 / (high - low)
             elif kind == "zscore":
+                if sch.get("nonzero_mask") == "filled":  # needs the whole image's filled mask
+                    raise ValueError("the filled non-zero mask is not per voxel")
                 mean, std = _mean_std(image[c], nonzero=bool(sch.get("nonzero_mask")))
                 sh, sc = mean, 1.0 / max(std, 1e-8)
+            elif kind == "minmax":
+                lo_c, hi_c = float(image[c].min()), float(image[c].max())
+                sh, sc = lo_c, 1.0 / max(hi_c - lo_c, 1e-8)
             elif kind != "none":
                 raise ValueError(f"unknown normalisation scheme '{kind}'")
             masked.append(kind == "zscore" and bool(sch.get("nonzero_mask")))

@@ -280,24 +280,45 @@ class Predictor:
         2D, see make_plan); any other mode is used as given."""
         return self.plan.inference.get("tta", "none") if tta == "auto" else tta
 
+    @property
+    def average(self) -> str:
+        """What windows, transforms and models average: ``probabilities`` (medunet's models) or
+        ``logits`` (nnU-Net's way, which imported nnU-Net models keep: ``inference.average``)."""
+        return self.plan.inference.get("average", "probabilities")
+
+    def _as_probabilities(self, scores: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        """Class scores from :meth:`_run` as probabilities (a softmax when they are logits)."""
+        if self.average != "logits":
+            return scores
+        t = torch.as_tensor(scores)
+        return torch.softmax(t.float(), dim=0) if isinstance(scores, torch.Tensor) else torch.softmax(
+            t.float(), dim=0).numpy()
+
     @torch.inference_mode()
-    def _run(self, image: np.ndarray, tta: str, probabilities: bool, labels: bool,
+    def _run(self, image: np.ndarray, tta: str, probabilities: bool, labels: bool, normalised: bool = False,
              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         plan = self.plan
-        transforms = tta_transforms(self.resolve_tta(tta), plan.dim, rotation_plane(plan.spacing, plan.dim))
+        inf = plan.inference
+        transforms = tta_transforms(self.resolve_tta(tta), plan.dim, rotation_plane(plan.spacing, plan.dim),
+                                    inf.get("mirror_axes"))
         k = plan.num_classes
         groups = self._groups()
         total: torch.Tensor | None = None
         for gplan, backends in groups:
-            try:
-                prepare, source = WindowNormalizer(image, gplan.normalization), image
-            except ValueError:  # a scheme it does not know: normalise the whole image up front
-                prepare, source = None, normalize(image, gplan.normalization)
+            if normalised:
+                prepare, source = None, image
+            else:
+                try:
+                    prepare, source = WindowNormalizer(image, gplan.normalization), image
+                except ValueError:  # a scheme it does not know: normalise the whole image up front
+                    prepare, source = None, normalize(image, gplan.normalization)
             probs, idx = sliding_window(
-                window_predictor(backends, transforms), source, gplan.patch_size, k,
+                window_predictor(backends, transforms, self.average), source, gplan.patch_size, k,
                 overlap=self.overlap, batch_size=max(1, gplan.batch_size),
                 sigma_scale=gplan.inference.get("sigma_scale", 0.125), prepare=prepare,
-                probabilities=probabilities or len(groups) > 1, labels=labels and len(groups) == 1)
+                probabilities=probabilities or len(groups) > 1, labels=labels and len(groups) == 1,
+                weights=gplan.inference.get("window_weights", "medunet"),
+                pad=gplan.inference.get("pad", "end"))
             if len(groups) == 1:
                 return probs, idx
             assert probs is not None
@@ -318,44 +339,51 @@ class Predictor:
         at the plan's spacing); the probabilities are on the image's own grid either way.
         """
         self._check_image(image)
-        work, info = self._prepare(image, spacing)
-        probs, _ = self._run(work, tta, probabilities=True, labels=False)
+        work, info, normalised = self._prepare(image, spacing)
+        probs, _ = self._run(work, tta, probabilities=True, labels=False, normalised=normalised)
         assert probs is not None
+        probs = self._as_probabilities(probs)
         if info is None:
             return probs
         del work
         return torch.from_numpy(revert_probabilities(probs, info))
 
     def _prepare(self, image: np.ndarray, spacing: Sequence[float] | None,
-                 ) -> tuple[np.ndarray, PreprocessInfo | None]:
-        """The image the networks see (cropped, resampled raw intensities) and the record to
-        revert with; ``(image, None)`` when the plan changes nothing for this case."""
+                 ) -> tuple[np.ndarray, PreprocessInfo | None, bool]:
+        """The image the networks see (cropped, resampled raw intensities), the record to
+        revert with (None when the plan changes nothing for this case) and whether the image
+        is normalised already (a plan that normalises before resampling, as nnU-Net does)."""
         opts = preprocessing_options(self.plan)
         spacing = case_spacing(spacing, image.shape[1:], self.plan)
         resample = opts["resample"] and needs_resampling(spacing, self.plan.spacing)
         if not opts["crop_nonzero"] and not resample:
-            return image, None
-        work, info = prepare_geometry(image, spacing, self.plan)
-        return (work, info) if info.cropped or info.resampled else (image, None)
+            return image, None, False
+        first = bool(resample and opts["normalize_first"])
+        work, info = prepare_geometry(image, spacing, self.plan, normalise=first)
+        return (work, info, first) if info.cropped or info.resampled else (image, None, False)
 
     def _predict_indices(self, image: np.ndarray, tta: str, probabilities: bool,
                          spacing: Sequence[float] | None) -> tuple[np.ndarray | torch.Tensor,
                                                                    np.ndarray | torch.Tensor | None]:
         """Class-index map and (if asked) probabilities on the image's own grid."""
-        work, info = self._prepare(image, spacing)
+        work, info, normalised = self._prepare(image, spacing)
         if info is None:
             probs, idx = self._run(image, tta, probabilities=probabilities, labels=True)
             assert idx is not None
-            return idx, probs
+            return idx, (self._as_probabilities(probs) if probs is not None else None)
         if not info.resampled:  # cropped only: labels come straight from the sliding window
             probs, idx = self._run(work, tta, probabilities=probabilities, labels=True)
             del work
             assert idx is not None
             full_idx = uncrop(idx.numpy(), info.bbox, info.original_shape, fill=0)
-            return full_idx, (revert_probabilities(probs, info) if probs is not None else None)
-        probs, _ = self._run(work, tta, probabilities=True, labels=False)
+            return full_idx, (revert_probabilities(self._as_probabilities(probs), info)
+                              if probs is not None else None)
+        probs, _ = self._run(work, tta, probabilities=True, labels=False, normalised=normalised)
         del work
         assert probs is not None
+        if self.average == "logits":  # nnU-Net's order: resample the logits back, then argmax
+            idx = revert_to_indices(probs, info)
+            return idx, (revert_probabilities(self._as_probabilities(probs), info) if probabilities else None)
         if probabilities:  # K x original floats are wanted anyway: argmax them
             full = revert_probabilities(probs, info)
             del probs

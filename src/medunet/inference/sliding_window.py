@@ -33,9 +33,31 @@ WindowPredictor = Callable[[torch.Tensor], torch.Tensor]
 """``(N, C, *patch)`` float32 -> ``(N, K, *patch)`` class probabilities."""
 
 
+WEIGHTS = ("medunet", "nnunet")
+PADS = ("end", "center")
+
+
 @functools.lru_cache(maxsize=8)
-def gaussian_weights(patch: tuple[int, ...], sigma_scale: float = 0.125) -> torch.Tensor:
-    """Separable Gaussian importance map of the patch size, max 1, min clamped above 0."""
+def gaussian_weights(patch: tuple[int, ...], sigma_scale: float = 0.125,
+                     kind: str = "medunet") -> torch.Tensor:
+    """Gaussian importance map of the patch size, max 1, min clamped above 0.
+
+    ``medunet``: separable, centred between the middle voxels, clamped at 1e-3. ``nnunet``:
+    nnU-Net v2's map (a delta at ``n // 2`` blurred by ``scipy.ndimage.gaussian_filter``,
+    truncated at 4 sigma, stored as float16, zeros raised to the smallest non-zero value), so
+    that imported nnU-Net models weigh their windows exactly as nnU-Net does.
+    """
+    if kind == "nnunet":
+        from scipy.ndimage import gaussian_filter
+
+        delta = np.zeros(patch)
+        delta[tuple(n // 2 for n in patch)] = 1.0
+        g = gaussian_filter(delta, [n * sigma_scale for n in patch], 0, mode="constant", cval=0)
+        g = torch.from_numpy(g / g.max() * 10.0).to(torch.float16)
+        g[g == 0] = g[g > 0].min()
+        return g.float()
+    if kind != "medunet":
+        raise ValueError(f"unknown window weights '{kind}' ({', '.join(WEIGHTS)})")
     axes = []
     for n in patch:
         x = torch.arange(n, dtype=torch.float32) - (n - 1) / 2
@@ -52,7 +74,7 @@ def window_starts(size: int, patch: int, overlap: float) -> list[int]:
     """Evenly spread window starts covering ``size`` with at least ``overlap`` between windows."""
     if size <= patch:
         return [0]
-    step = max(1, int(patch * (1 - overlap)))
+    step = max(1.0, patch * (1 - overlap))
     n = math.ceil((size - patch) / step) + 1
     return [round(i * (size - patch) / (n - 1)) for i in range(n)]
 
@@ -75,7 +97,7 @@ def sliding_window(predict: WindowPredictor, image: np.ndarray | torch.Tensor, p
                    sigma_scale: float = 0.125,
                    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
                    probabilities: bool = True, labels: bool = False,
-                   prob_dtype: torch.dtype = torch.float32,
+                   prob_dtype: torch.dtype = torch.float32, weights: str = "medunet", pad: str = "end",
                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Probabilities ``(K, *S)`` and/or a class-index map ``(*S)`` for one image ``(C, *S)``.
 
@@ -87,8 +109,14 @@ def sliding_window(predict: WindowPredictor, image: np.ndarray | torch.Tensor, p
         probabilities: return the full probability map (in ``prob_dtype``).
         labels: return the argmax class-index map (uint8 up to 256 classes), computed slab by
             slab, so that with ``probabilities=False`` no full-size ``K``-channel array exists.
+        weights: the Gaussian, see :func:`gaussian_weights`.
+        pad: where an image smaller than the patch gets its zeros: ``end`` (after the image)
+            or ``center`` (split before and after, as nnU-Net pads; the network then sees the
+            image in the middle of its window).
 
     Images smaller than the patch are padded (after ``prepare``) and the output cropped.
+    ``predict`` may return logits instead of probabilities: the sums are then weighted means
+    of logits (the argmax is the same either way).
     """
     if not (0.0 <= overlap < 1.0):
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
@@ -96,10 +124,13 @@ def sliding_window(predict: WindowPredictor, image: np.ndarray | torch.Tensor, p
     size = tuple(int(s) for s in image.shape[1:])
     if len(patch) != len(size):
         raise ValueError(f"patch {patch} does not match the image's {len(size)} spatial axes")
+    if pad not in PADS:
+        raise ValueError(f"unknown pad '{pad}' ({', '.join(PADS)})")
     ext = tuple(min(p, s) for p, s in zip(patch, size, strict=True))  # window extent in the image
-    pad = [p - e for p, e in zip(patch, ext, strict=True)]
-    crop = (slice(None), slice(None), *(slice(0, e) for e in ext))
-    weight = gaussian_weights(patch, sigma_scale)[crop[2:]]
+    padding = [p - e for p, e in zip(patch, ext, strict=True)]
+    before = [q // 2 if pad == "center" else 0 for q in padding]
+    crop = (slice(None), slice(None), *(slice(b, b + e) for b, e in zip(before, ext, strict=True)))
+    weight = gaussian_weights(patch, sigma_scale, weights)[crop[2:]]
     # roll along the axis where a window covers the smallest share of the image: the
     # buffers are one window thick along it
     r = min(range(len(size)), key=lambda a: (ext[a] / size[a], a))
@@ -153,10 +184,11 @@ def sliding_window(predict: WindowPredictor, image: np.ndarray | torch.Tensor, p
         batch = _window_batch(image, slices, patch)
         if prepare is not None:
             batch = prepare(batch)
-        if any(pad):
-            batch = F.pad(batch, [q for ax in reversed(pad) for q in (0, ax)])
+        if any(padding):  # F.pad lists the last axis first
+            batch = F.pad(batch, [q for b, ax in zip(reversed(before), reversed(padding), strict=True)
+                                  for q in (b, ax - b)])
         probs = predict(batch)
-        if any(pad):
+        if any(padding):
             probs = probs[crop]
         probs = probs.to("cpu", torch.float32)
         for j, st in enumerate(chunk):

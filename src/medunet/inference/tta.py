@@ -104,22 +104,32 @@ def rotation_plane(spacing: Sequence[float], dim: int) -> tuple[int, int]:
     return tuple(sorted(order[:2]))  # type: ignore[return-value]
 
 
-def tta_transforms(mode: str, dim: int, plane: tuple[int, int] = (0, 1)) -> list[Transform]:
-    """``none``: identity; ``flip``: every mirror combination (4 in 2D, 8 in 3D);
+def tta_transforms(mode: str, dim: int, plane: tuple[int, int] = (0, 1),
+                   mirror_axes: Sequence[int] | None = None) -> list[Transform]:
+    """``none``: identity; ``flip``: every mirror combination (4 in 2D, 8 in 3D; of
+    ``mirror_axes`` only, when given: an imported nnU-Net model's allowed axes);
     ``full``: those plus +-10 degree in-plane rotations."""
     if mode not in TTA_MODES:
         raise InputError(f"unknown test-time augmentation '{mode}'", fix=f"use auto, {', '.join(TTA_MODES)}")
     if mode == "none":
         return [Transform()]
-    flips = [Transform(flip=tuple(a for a in range(dim) if mask >> a & 1)) for mask in range(2**dim)]
+    axes = list(range(dim)) if mirror_axes is None else sorted({int(a) for a in mirror_axes})
+    flips = [Transform(flip=tuple(a for i, a in enumerate(axes) if mask >> i & 1))
+             for mask in range(2 ** len(axes))]
     if mode == "flip":
         return flips
     return flips + [Transform(angle=s * ROTATION_DEGREES, plane=plane) for s in (1, -1)]
 
 
+AVERAGES = ("probabilities", "logits")
+
+
 def window_predictor(backends: Sequence[Backend], transforms: Sequence[Transform] = (Transform(),),
-                     ) -> WindowPredictor:
-    """Average of softmax probabilities over every backend (model) and transform, per window."""
+                     average: str = "probabilities") -> WindowPredictor:
+    """Average of softmax probabilities over every backend (model) and transform, per window;
+    ``average="logits"`` averages the logits instead (nnU-Net's way, for imported models)."""
+    if average not in AVERAGES:
+        raise ValueError(f"unknown average '{average}' ({', '.join(AVERAGES)})")
     backends = list(backends)
     transforms = list(transforms)
 
@@ -128,8 +138,8 @@ def window_predictor(backends: Sequence[Backend], transforms: Sequence[Transform
         weight: torch.Tensor | float = 0.0
         for backend in backends:
             for t in transforms:
-                logits = backend(t.forward(batch))
-                p, w = t.inverse(torch.softmax(logits.float(), dim=1))
+                logits = backend(t.forward(batch)).float()
+                p, w = t.inverse(logits if average == "logits" else torch.softmax(logits, dim=1))
                 total = p if total is None else total + p
                 weight = weight + (1.0 if w is None else w)
         assert total is not None

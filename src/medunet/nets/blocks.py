@@ -147,18 +147,22 @@ class ConvBlock(nn.Module):
     """
 
     def __init__(self, dims: int, cin: int, cout: int, n_convs: int, norm: str, act: str,
-                 residual: bool = False, kernel: Kernel = 3) -> None:
+                 residual: bool = False, kernel: Kernel = 3, *, stride: Sequence[int] | None = None,
+                 bias: bool | None = None) -> None:
         super().__init__()
         if n_convs < 1:
             raise ValueError("n_convs must be at least 1")
         # odd kernels with k // 2 padding keep the size ('same' convolution); a kernel of 1 on
         # an axis makes the block blind across that axis (the 2d configuration of 3D data)
         padding = same_padding(kernel)
+        # ``stride``: the first conv down-samples (nnU-Net's encoder stages); ``bias``: None
+        # means a bias only without a norm (a norm's shift makes it redundant)
+        bias = norm == "none" if bias is None else bool(bias)
         layers: list[nn.Module] = []
         for i in range(n_convs):
             layers += [
                 conv_type(dims)(cin if i == 0 else cout, cout, kernel, padding=padding,
-                                bias=norm == "none"),
+                                stride=tuple(stride) if i == 0 and stride is not None else 1, bias=bias),
                 norm_layer(norm, dims, cout),
                 act_layer(act),
             ]
@@ -201,20 +205,23 @@ class ResidualBlock(nn.Module):
     """
 
     def __init__(self, dims: int, cin: int, cout: int, stride: Sequence[int], kernel: Kernel,
-                 norm: str, act: str) -> None:
+                 norm: str, act: str, *, bias: bool | None = None, shortcut_bias: bool | None = None) -> None:
         super().__init__()
         s = tuple(stride)
         conv = conv_type(dims)
         pad = same_padding(kernel)
+        # None: a bias only without a norm; nnU-Net's blocks keep conv biases but not the shortcut's
+        bias = norm == "none" if bias is None else bool(bias)
+        shortcut_bias = norm == "none" if shortcut_bias is None else bool(shortcut_bias)
         self.body = nn.Sequential(
-            conv(cin, cout, kernel, stride=s, padding=pad, bias=norm == "none"), norm_layer(norm, dims, cout),
+            conv(cin, cout, kernel, stride=s, padding=pad, bias=bias), norm_layer(norm, dims, cout),
             act_layer(act),
-            conv(cout, cout, kernel, padding=pad, bias=norm == "none"), norm_layer(norm, dims, cout))
+            conv(cout, cout, kernel, padding=pad, bias=bias), norm_layer(norm, dims, cout))
         skip: list[nn.Module] = []
         if max(s) > 1:
             skip.append({2: nn.AvgPool2d, 3: nn.AvgPool3d}[dims](s, s))
         if cin != cout:
-            skip += [conv(cin, cout, 1, bias=norm == "none"), norm_layer(norm, dims, cout)]
+            skip += [conv(cin, cout, 1, bias=shortcut_bias), norm_layer(norm, dims, cout)]
         self.shortcut = nn.Sequential(*skip) if skip else nn.Identity()
         self.out_act = act_layer(act)
 

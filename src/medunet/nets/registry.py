@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from medunet.errors import InputError
+from medunet.nets.nnunet import NnUNet
 from medunet.nets.unet import PRESETS, UNet
 from medunet.nets.variants import (
     AttentionUNet,
@@ -54,6 +55,7 @@ class Arch:
     build: Callable[..., nn.Module]
     summary: str
     prunable: bool = False
+    family: bool = True  # listed by `medunet archs` and screened by bench/archs.py
 
     def option_names(self) -> frozenset[str]:
         """The ``network.*`` options it takes (the U-Net's for the variants built on it)."""
@@ -82,14 +84,19 @@ ARCHS: dict[str, Arch] = {a.name: a for a in [
     Arch("transunet", TransUNet, "transformer over the bottleneck tokens (Chen 2021); trains from scratch, "
          "no pretrained weights"),
     Arch("mednext", MedNeXt, "ConvNeXt blocks: depthwise large kernel, inverted bottleneck (Roy 2023)"),
+    # what `medunet import-nnunet` builds: nnU-Net v2's own networks, layer for layer; trainable
+    # like any entry, but not one of the variants the table compares (it is `unet` at the
+    # `large` preset up to conv biases and the position of the down-sampling)
+    Arch("nnunet", NnUNet, "nnU-Net v2's PlainConvUNet / ResidualEncoderUNet (network.encoder), as "
+         "import-nnunet loads them", family=False),
 ]}
-ARCH_NAMES: tuple[str, ...] = tuple(ARCHS)
+ARCH_NAMES: tuple[str, ...] = tuple(a.name for a in ARCHS.values() if a.family)
 
 
 def get_arch(name: str) -> Arch:
     """The registered variant, or a one-line :class:`InputError` listing the valid names."""
     if name not in ARCHS:
-        raise InputError(f"unknown network arch '{name}'", fix=f"use one of {', '.join(ARCH_NAMES)}")
+        raise InputError(f"unknown network arch '{name}'", fix=f"use one of {', '.join(ARCHS)}")
     return ARCHS[name]
 
 

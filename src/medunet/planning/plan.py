@@ -270,9 +270,11 @@ TYPED_SECTIONS: dict[str, frozenset[str]] = {
     "training.semi": frozenset({
         "bcp_box", "consistency", "dropout", "ema_decay", "method", "noise", "pseudo_rounds",
         "pseudo_threshold", "ramp_up", "uncertainty_passes", "unlabeled_ratio"}),
-    "inference": frozenset({"overlap", "postprocessing", "sigma_scale", "tta", "tta_choice"}),
-    "preprocessing": frozenset({"crop_nonzero", "image_order", "image_size", "label_mode", "resample",
-                                "separate_z"}),
+    # average, window_weights, pad, mirror_axes: how imported nnU-Net models predict (nnunet/)
+    "inference": frozenset({"average", "mirror_axes", "overlap", "pad", "postprocessing", "sigma_scale",
+                            "tta", "tta_choice", "window_weights"}),
+    "preprocessing": frozenset({"clip_resampled", "crop_nonzero", "image_order", "image_size", "label_mode",
+                                "normalize_first", "resample", "separate_z"}),
     "network": frozenset(),  # the registered networks' options (nets.network_option_names), see _section_keys
 }
 

@@ -23,13 +23,16 @@ from medunet.preprocessing.resample import (
     target_shape,
 )
 
-__all__ = ["PreprocessInfo", "case_spacing", "needs_resampling", "prepare_geometry", "preprocess_case",
-           "preprocessing_options", "revert_labels", "revert_probabilities", "revert_to_indices"]
+__all__ = ["PreprocessInfo", "auto_separate_z", "case_spacing", "needs_resampling", "prepare_geometry",
+           "preprocess_case", "preprocessing_options", "revert_labels", "revert_probabilities",
+           "revert_to_indices"]
 
 SPACING_TOLERANCE = 0.01  # relative: spacings closer than 1 % are the same grid
 
 _DEFAULTS = {"crop_nonzero": False, "resample": False, "image_order": 3, "label_mode": "nearest",
-             "separate_z": None, "image_size": None}
+             "separate_z": None, "image_size": None, "normalize_first": False, "clip_resampled": False}
+# nnU-Net's anisotropy rule (separate_z "auto"): an axis coarser than 3x the finest is resampled apart
+ANISOTROPY = 3.0
 
 
 def preprocessing_options(plan) -> dict:
@@ -43,6 +46,18 @@ def needs_resampling(spacing: Sequence[float] | None, target: Sequence[float] | 
     if spacing is None or target is None or len(spacing) != len(target):
         return False
     return any(abs(float(s) - float(t)) > tolerance * float(t) for s, t in zip(spacing, target, strict=True))
+
+
+def auto_separate_z(spacing: Sequence[float], target: Sequence[float]) -> int | None:
+    """The thick axis for ``separate_z: "auto"`` (nnU-Net's per-case rule): the case's coarsest
+    axis when the case is anisotropic, else the target's when that is; None when neither is,
+    or when two axes share the coarsest spacing."""
+    for sp in (spacing, target):
+        sp = [float(v) for v in sp]
+        if max(sp) / min(sp) > ANISOTROPY:
+            thick = [a for a, v in enumerate(sp) if v == max(sp)]
+            return thick[0] if len(thick) == 1 else None
+    return None
 
 
 def case_spacing(spacing: Sequence[float] | None, shape: Sequence[int], plan) -> list[float] | None:
@@ -90,12 +105,15 @@ class PreprocessInfo:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def prepare_geometry(image: np.ndarray, spacing: Sequence[float] | None, plan,
+def prepare_geometry(image: np.ndarray, spacing: Sequence[float] | None, plan, normalise: bool = False,
                      ) -> tuple[np.ndarray, PreprocessInfo]:
-    """Crop and resample a raw ``(C, *S)`` image as the plan says (no normalisation).
+    """Crop and resample a raw ``(C, *S)`` image as the plan says.
 
     Returns the image (a view of the input when only cropped, float32 when resampled, the
     input itself when nothing applies) and the record to revert predictions with.
+    ``normalise``: normalise it too (float32), before resampling when the plan says
+    ``normalize_first`` (nnU-Net's order, kept by imported nnU-Net models: statistics and CT
+    clipping then see the original voxels), else after.
     """
     opts = preprocessing_options(plan)
     spatial = [int(n) for n in image.shape[1:]]
@@ -105,16 +123,30 @@ def prepare_geometry(image: np.ndarray, spacing: Sequence[float] | None, plan,
     cropped = crop(image, bbox) if not is_full(bbox, spatial) else image
     after_crop = [int(n) for n in cropped.shape[1:]]
     target = [float(s) for s in plan.spacing]
-    separate_z = opts["separate_z"] if opts["separate_z"] is None else int(opts["separate_z"])
-    if opts["resample"] and needs_resampling(spacing_l, target):
+    separate_z = opts["separate_z"]
+    if separate_z == "auto":
+        separate_z = auto_separate_z(spacing_l, target)
+    separate_z = None if separate_z is None else int(separate_z)
+    resample = bool(opts["resample"]) and needs_resampling(spacing_l, target)
+    first = normalise and resample and bool(opts["normalize_first"])
+    if first:
+        from medunet.preprocessing.normalize import normalize
+
+        cropped = normalize(cropped, plan.normalization)
+    if resample:
         shape = target_shape(after_crop, spacing_l, target)
         # masked normalisation counts voxels != 0: keep the zero background exactly zero
-        keep_zero = any(bool(s.get("nonzero_mask")) for s in plan.normalization)
+        keep_zero = not first and any(bool(s.get("nonzero_mask")) for s in plan.normalization)
         out = resample_image(cropped, spacing_l, target, order=int(opts["image_order"]),
-                             separate_z=separate_z, shape=shape, keep_zero=keep_zero)
+                             separate_z=separate_z, shape=shape, keep_zero=keep_zero,
+                             clip=bool(opts["clip_resampled"]))
         out_spacing = target
     else:
         out, shape, out_spacing = cropped, after_crop, spacing_l
+    if normalise and not first:
+        from medunet.preprocessing.normalize import normalize
+
+        out = normalize(out, plan.normalization)
     info = PreprocessInfo(original_shape=spatial, original_spacing=spacing_l, bbox=bbox,
                           target_spacing=out_spacing, shape_after_crop=after_crop,
                           shape_after_resample=list(shape), separate_z=separate_z)
@@ -130,13 +162,8 @@ def preprocess_case(image: np.ndarray, spacing: Sequence[float], plan, label: np
     """
     if label is not None and tuple(label.shape) != tuple(image.shape[1:]):
         raise ValueError(f"label shape {label.shape} does not match image shape {image.shape[1:]}")
-    out, info = prepare_geometry(image, spacing, plan)
-    if normalise:
-        from medunet.preprocessing.normalize import normalize
-
-        out = normalize(out, plan.normalization)
-    else:
-        out = np.asarray(out, dtype=np.float32)
+    out, info = prepare_geometry(image, spacing, plan, normalise=normalise)
+    out = np.asarray(out, dtype=np.float32)
     seg = None
     if label is not None:
         seg = crop(label, info.bbox)

@@ -133,11 +133,13 @@ def _resample_uniform(x: np.ndarray, shape: Sequence[int], order: int) -> np.nda
 
 
 def resample_array(x: np.ndarray, shape: Sequence[int], order: int = 3, separate_z: int | None = None,
-                   order_z: int = 0) -> np.ndarray:
+                   order_z: int = 0, clip: bool = False) -> np.ndarray:
     """Resample one spatial array ``(*S)`` to ``shape``.
 
     Order 0 keeps the dtype (nearest neighbour); other orders return float32. With
-    ``separate_z`` the in-plane axes use ``order`` and that axis ``order_z``.
+    ``separate_z`` the in-plane axes use ``order`` and that axis ``order_z``. ``clip``: keep
+    the values inside the input's range (each slice's range for the in-plane step of
+    ``separate_z``), as scikit-image's ``resize`` (and so nnU-Net) does against spline overshoot.
     """
     shape = [int(s) for s in shape]
     if len(shape) != x.ndim:
@@ -149,11 +151,20 @@ def resample_array(x: np.ndarray, shape: Sequence[int], order: int = 3, separate
         z = separate_z % x.ndim
         inplane = list(shape)
         inplane[z] = x.shape[z]
-        x = _resample_uniform(x, inplane, order) if inplane != list(x.shape) else x
+        if inplane != list(x.shape):
+            other = tuple(a for a in range(x.ndim) if a != z)
+            lo = x.min(axis=other, keepdims=True) if clip else None
+            hi = x.max(axis=other, keepdims=True) if clip else None
+            x = _resample_uniform(x, inplane, order)
+            if clip and order > 1:
+                np.clip(x, lo, hi, out=x)
         if order_z != 0:
             x = x.astype(np.float32, copy=False)
         return _resample_uniform(x, shape, order_z) if x.shape[z] != shape[z] else x
-    return _resample_uniform(x, shape, order)
+    out = _resample_uniform(x, shape, order)
+    if clip and order > 1:
+        out = np.clip(out, x.min(), x.max(), out=out if out is not x else None)
+    return out
 
 
 def _out_shape(spatial: Sequence[int], spacing_from, spacing_to, shape) -> list[int]:
@@ -167,7 +178,7 @@ def _out_shape(spatial: Sequence[int], spacing_from, spacing_to, shape) -> list[
 def resample_image(image: np.ndarray, spacing_from: Sequence[float] | None,
                    spacing_to: Sequence[float] | None, order: int = 3, separate_z: int | None = None,
                    shape: Sequence[int] | None = None, order_z: int = 0,
-                   keep_zero: bool = False) -> np.ndarray:
+                   keep_zero: bool = False, clip: bool = False) -> np.ndarray:
     """Resample a channel-first image ``(C, *S)``; returns float32 ``(C, *shape)``.
 
     ``shape`` (spatial) overrides the size computed from the spacings, so a revert lands on
@@ -175,13 +186,14 @@ def resample_image(image: np.ndarray, spacing_from: Sequence[float] | None,
     ``keep_zero``: output voxels whose nearest source voxel is 0 are set to exactly 0. A cubic
     spline rings, so without it a zero background (skull-stripped MR) becomes tiny non-zero
     values everywhere, which breaks "voxels != 0" masks such as masked z-scoring.
+    ``clip``: see :func:`resample_array`.
     """
     out_shape = _out_shape(image.shape[1:], spacing_from, spacing_to, shape)
     check_output_size(out_shape, image.shape[0], spacing_from, spacing_to)
     out = np.empty((image.shape[0], *out_shape), dtype=np.float32)
     for c in range(image.shape[0]):
         out[c] = resample_array(image[c].astype(np.float32, copy=False), out_shape, order,
-                                separate_z, order_z)
+                                separate_z, order_z, clip=clip)
         if keep_zero:
             out[c][resample_array(image[c] == 0, out_shape, order=0)] = 0.0
     return out

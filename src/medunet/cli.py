@@ -235,7 +235,8 @@ def train(
 @app.command()
 def predict(
     model: Path = typer.Argument(..., help="model directory written by 'medunet train' (a directory "
-                                 "of fold_*/ model directories is an ensemble of the folds)"),
+                                 "of fold_*/ model directories is an ensemble of the folds), or an nnU-Net "
+                                 "v2 trained-model folder (imported for the run: see import-nnunet)"),
     inputs: Path = typer.Argument(..., help="an image file, a folder of images, or a folder of DICOM "
                                   "series (folders of slices)"),
     output: Path = typer.Option(..., "--output", "-o", help="folder for the label maps"),
@@ -271,29 +272,40 @@ def predict(
     quiet: bool = typer.Option(False, help="no progress display"),
 ) -> None:
     """Segment images with trained models (sliding window, Gaussian-weighted; TTA, ensembles)."""
+    import tempfile
     import time
 
     from medunet.inference import Predictor
+    from medunet.nnunet import import_nnunet, is_nnunet_folder
 
     models = [model, *(extra_models or [])]
-    if backend == "onnx":  # export first where there is no up-to-date export
-        from medunet.export import ensure_onnx_all
+    scratch = None
+    if any(is_nnunet_folder(m) for m in models):  # an nnU-Net result folder: import it for this run
+        scratch = tempfile.TemporaryDirectory(prefix="medunet-nnunet-")
+        models = [import_nnunet(m, Path(scratch.name) / f"m{i}") if is_nnunet_folder(m) else m
+                  for i, m in enumerate(models)]
+    try:
+        if backend == "onnx":  # export first where there is no up-to-date export
+            from medunet.export import ensure_onnx_all
 
-        ensure_onnx_all(models, checkpoint, int8, calibration)
-    predictor = Predictor.load(models, checkpoint=checkpoint, device=device, precision=precision,
-                               backend=backend, int8=int8, overlap=overlap, postprocess=postprocess)
-    t0 = time.perf_counter()
-    predictor.predict(inputs, output, save_probabilities=save_probabilities, progress=not quiet, tta=tta,
-                      overlay=overlay, dicom_seg=dicom_seg, fill_nonfinite_values=fill_nonfinite,
-                      workers=workers, overwrite=overwrite)
-    dt = time.perf_counter() - t0
-    n = len(predictor.members)
-    run = predictor.last_run
-    skipped = (f"; {run['skipped']} finished earlier, skipped (--overwrite redoes them)"
-               if run["skipped"] else "")
-    per_case = dt / max(1, run["predicted"])
-    out.print(f"wrote {run['predicted']} label map(s) to {output} ({per_case:.2f}s per case; "
-              f"{n} model{'s' if n > 1 else ''}, {backend} {predictor.precision}, tta {tta}{skipped})")
+            ensure_onnx_all(models, checkpoint, int8, calibration)
+        predictor = Predictor.load(models, checkpoint=checkpoint, device=device, precision=precision,
+                                   backend=backend, int8=int8, overlap=overlap, postprocess=postprocess)
+        t0 = time.perf_counter()
+        predictor.predict(inputs, output, save_probabilities=save_probabilities, progress=not quiet, tta=tta,
+                          overlay=overlay, dicom_seg=dicom_seg, fill_nonfinite_values=fill_nonfinite,
+                          workers=workers, overwrite=overwrite)
+        dt = time.perf_counter() - t0
+        n = len(predictor.members)
+        run = predictor.last_run
+        skipped = (f"; {run['skipped']} finished earlier, skipped (--overwrite redoes them)"
+                   if run["skipped"] else "")
+        per_case = dt / max(1, run["predicted"])
+        out.print(f"wrote {run['predicted']} label map(s) to {output} ({per_case:.2f}s per case; "
+                  f"{n} model{'s' if n > 1 else ''}, {backend} {predictor.precision}, tta {tta}{skipped})")
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
 
 
 @app.command()
@@ -484,9 +496,31 @@ def serve(
         upload_timeout=upload_timeout, job_timeout=job_timeout, token=token, max_voxels=max_voxels)
 
 
+@app.command("import-nnunet")
+def import_nnunet_cmd(
+    result_folder: Path = typer.Argument(..., help="an nnU-Net v2 trained-model folder: nnUNet_results/"
+                                         "DatasetXXX/TRAINER__PLANS__CONFIGURATION"),
+    output: Path = typer.Option(..., "--output", "-o", help="the new model directory"),
+    folds: str | None = typer.Option(None, help="folds to import, e.g. --folds 0 1 2 3 4, or all (nnU-Net's "
+                                     "fold_all); default: every numbered fold (several: an ensemble)"),
+    checkpoint: str = typer.Option("final", help="final (nnU-Net's default) or best"),
+) -> None:
+    """Turn a trained nnU-Net v2 model into a medunet model directory (predict, export, serve it)."""
+    from medunet.nnunet import import_nnunet
+
+    chosen = [f for f in folds.replace(",", " ").split() if f] if folds else None
+    path = import_nnunet(result_folder, output, folds=chosen, checkpoint=checkpoint)
+    n = len(list(path.glob("fold_*/plan.json"))) or 1
+    out.print(f"imported {n} fold{'s' if n > 1 else ''} of {result_folder} into {path}; predict with "
+              f"'medunet predict {path} IMAGES -o OUT'")
+
+
 # options whose value may be left out (typer options always take one): given alone, last or
 # before another option, they are passed on as ``--option=`` (an empty value)
 OPTIONAL_VALUES = ("--unlabeled",)
+# options that take several values in a row (``--folds 0 1 2``): joined into one (``0,1,2``);
+# only fold-like tokens are taken, so a positional argument after them stays one
+MULTI_VALUES = {"--folds": lambda v: v.isdigit() or v == "all"}
 
 
 def optional_values(args: list[str]) -> list[str]:
@@ -496,6 +530,14 @@ def optional_values(args: list[str]) -> list[str]:
     for i, a in enumerate(out):
         if a in OPTIONAL_VALUES and (i + 1 == len(out) or out[i + 1].startswith("-")):
             out[i] = f"{a}="
+    for opt, takes in MULTI_VALUES.items():
+        if opt in out:
+            i = out.index(opt)
+            j = i + 1
+            while j < len(out) and takes(out[j]):
+                j += 1
+            if j > i + 2:
+                out[i + 1 : j] = [",".join(out[i + 1 : j])]
     return out
 
 

@@ -147,7 +147,7 @@ def reference_forward(sd: dict, kw: dict, x: torch.Tensor, encoder: str) -> torc
 def write_result_folder(root: Path, dims: int = 3, encoder: str = "plain", folds=(0,),
                         reader: str | None = None, schemes=("ZScoreNormalization",), mask=(False,),
                         patch=None, spacing=None, mirror=(0, 1, 2),
-                        configuration: str | None = None) -> tuple[Path, dict, dict]:
+                        configuration: str | None = None, classes: int = 3) -> tuple[Path, dict, dict]:
     """An nnU-Net result folder with random weights; returns it, the state dicts by fold, the kwargs."""
     configuration = configuration or ("3d_fullres" if dims == 3 else "2d")
     folder = root / f"nnUNetTrainer__nnUNetPlans__{configuration}"
@@ -182,14 +182,15 @@ def write_result_folder(root: Path, dims: int = 3, encoder: str = "plain", folds
              "foreground_intensity_properties_per_channel": {
                  str(c): {"max": 900.0, "mean": 100.0, "median": 90.0, "min": -50.0, "percentile_00_5": -10.0,
                           "percentile_99_5": 400.0, "std": 50.0} for c in range(n_ch)}}
+    labels = {"background": 0, **{f"class{c}": c for c in range(1, classes)}}
     dataset = {"channel_names": {str(c): f"ch{c}" for c in range(n_ch)},
-               "labels": {"background": 0, "a": 1, "b": 2}, "numTraining": 4, "file_ending": ".nii.gz"}
+               "labels": labels, "numTraining": 4, "file_ending": ".nii.gz"}
     folder.mkdir(parents=True)
     (folder / "plans.json").write_text(json.dumps(plans))
     (folder / "dataset.json").write_text(json.dumps(dataset))
     sds = {}
     for f in folds:
-        sd = nnunet_state_dict(kw, n_ch, 3, encoder, seed=len(sds))
+        sd = nnunet_state_dict(kw, n_ch, classes, encoder, seed=len(sds))
         (folder / f"fold_{f}").mkdir()
         ckpt = {"network_weights": sd, "optimizer_state": {"state": {}, "param_groups": []},
                 "grad_scaler_state": None, "_best_ema": np.float64(0.5), "current_epoch": 3,
@@ -429,3 +430,30 @@ def test_cli_imports_several_folds_and_predicts_a_result_folder_directly(tmp_pat
     assert res.exit_code == 0, res.output
     seg = nib.load(str(tmp_path / "out" / "case.nii.gz"))
     assert seg.shape == vol.shape and set(np.unique(seg.get_fdata())) <= {0, 1, 2}
+
+
+def test_an_imported_model_exports_serves_and_distils_like_a_trained_one(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from medunet.datasets.synthetic import make_synthetic_dataset
+    from medunet.export import export_model
+    from medunet.serve import create_app
+    from medunet.training.distill import distill
+
+    data = make_synthetic_dataset(tmp_path / "Dataset007_Syn", n_train=6, n_test=2, shape=(24, 20, 12))
+    folder, _, _ = write_result_folder(tmp_path / "results", 3, classes=2, spacing=[1.5, 1.0, 1.0],
+                                       patch=[8, 16, 16])
+    model = import_nnunet(folder, tmp_path / "model")
+    res = export_model(model, "onnx")  # checked against PyTorch by the exporter
+    assert res.path.is_file() and res.check["random"]["max_abs_diff"] < 1e-3
+    onnx_pred = Predictor.load(model, backend="onnx")
+    torch_pred = Predictor.load(model, precision="fp32")
+    image = np.random.default_rng(2).normal(size=(1, 24, 20, 12)).astype(np.float32)
+    a, _ = onnx_pred.predict_array(image, tta="none", spacing=[1.0, 1.0, 1.5], probabilities=False)
+    b, _ = torch_pred.predict_array(image, tta="none", spacing=[1.0, 1.0, 1.5], probabilities=False)
+    assert (a == b).mean() > 0.999
+    client = TestClient(create_app(torch_pred))
+    assert client.get("/api/model").status_code == 200
+    student = distill(model, tmp_path / "student", data, width=0.5, init="random", epochs=1, progress=False,
+                      precision="fp32")
+    assert (tmp_path / "student" / "checkpoint_best.pt").is_file() and student is not None

@@ -307,7 +307,7 @@ class TestMedNeXt3D(ArchTester):
 def test_every_registered_arch_has_a_2d_and_a_3d_test_class() -> None:
     tested = {(c.arch, c.dims) for c in globals().values()
               if isinstance(c, type) and issubclass(c, ArchTester) and c.__name__.startswith("Test")}
-    assert tested == {(a, d) for a in ARCH_NAMES for d in (2, 3)}
+    assert tested == {(a, d) for a in ARCHS for d in (2, 3)}
 
 
 # --------------------------------------------------------------------------- registry and plan
@@ -478,3 +478,14 @@ def test_pruning_refuses_variants_it_cannot_map_and_width_works_for_all() -> Non
     x = torch.randn(1, 1, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(full(x), teacher(x))
+
+
+# not one of the compared variants (ARCH_NAMES), but every network the registry builds passes the same checks
+class TestNnUNetPlain2D(ArchTester):
+    arch = "nnunet"
+    options = {"norm": "instance", "n_convs": [2, 1, 3], "decoder_convs": [1, 2]}
+
+
+class TestNnUNetResidual3D(ArchTester):
+    arch, dims = "nnunet", 3
+    options = {"norm": "instance", "encoder": "residual", "n_convs": [1, 2, 3]}

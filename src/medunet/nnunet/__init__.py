@@ -136,9 +136,9 @@ def import_nnunet(result_folder: str | Path, model_dir: str | Path, folds: Seque
             state = map_state_dict(ckpt["network_weights"], net.state_dict(), plan.dim, net_to_med, path)
             net.load_state_dict(state)  # strict: every name and shape, once more
             trainer, epoch = ckpt.get("trainer_name", "?"), ckpt.get("current_epoch", "?")
-            plan.reasons = {"imported": f"nnU-Net v2 model {folder.resolve()} ({trainer}, configuration "
+            plan.reasons["imported"] = (f"nnU-Net v2 model {folder.resolve()} ({trainer}, configuration "
                                         f"{configuration}, fold {f}, {path.name}, epoch {epoch}); "
-                                        "preprocessing and prediction as nnU-Net's (medunet.nnunet.plans)"}
+                                        "preprocessing and prediction as nnU-Net's (medunet.nnunet.plans)")
             source = {"folder": str(folder.resolve()), "fold": f, "checkpoint": path.name,
                       "configuration": configuration, "trainer": ckpt.get("trainer_name")}
             _write_model(tmp if len(ckpts) == 1 else tmp / f"fold_{f}", plan, state, source)

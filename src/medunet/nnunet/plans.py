@@ -27,6 +27,7 @@ from pathlib import Path
 
 from medunet.errors import InputError
 from medunet.planning import Plan
+from medunet.planning.plan import default_training, value_reasons
 
 NETWORKS = {
     "dynamic_network_architectures.architectures.unet.PlainConvUNet": "plain",
@@ -221,6 +222,11 @@ def make_plan(plans: dict, dataset: dict, configuration: str, mirror_axes: list[
     network = network_options(config["architecture"], dim, net_to_med, plans_path)
     axes = None if mirror_axes is None else sorted(net_to_med[int(a)] for a in mirror_axes)
     force = data_kw.get("force_separate_z")
+    patch = [int(p) for p in to_medunet(config["patch_size"], net_to_med)]
+    inference = {"tta": "flip" if axes else "none", "mirror_axes": axes or [], "average": "logits",
+                 "window_weights": "nnunet", "pad": "center", "overlap": 0.5, "sigma_scale": 0.125}
+    # medunet's measured training defaults: used only when the model is fine-tuned or distilled
+    training = default_training(dim, patch)
     plan = Plan(
         dataset_name=str(plans.get("dataset_name", dataset.get("name", "nnunet"))), dim=dim,
         in_channels=len(names), channel_names=names, label_names=label_names, label_values=label_values,
@@ -228,10 +234,8 @@ def make_plan(plans: dict, dataset: dict, configuration: str, mirror_axes: list[
         median_shape=[int(round(float(s))) for s in to_medunet(config["median_image_size_in_voxels"],
                                                                  net_to_med)],
         normalization=normalization(config, plans, len(names), plans_path),
-        patch_size=[int(p) for p in to_medunet(config["patch_size"], net_to_med)],
-        batch_size=int(config.get("batch_size", 2)), network=network,
-        inference={"tta": "flip" if axes else "none", "mirror_axes": axes or [], "average": "logits",
-                   "window_weights": "nnunet", "pad": "center", "overlap": 0.5, "sigma_scale": 0.125},
+        patch_size=patch, batch_size=int(config.get("batch_size", 2)), network=network,
+        training=training, inference=inference, reasons=value_reasons(training, inference),
         preprocessing={"crop_nonzero": True, "resample": True, "image_order": int(data_kw.get("order", 3)),
                        "separate_z": None if force is False else "auto", "normalize_first": True,
                        "clip_resampled": True, "label_mode": "nearest"},

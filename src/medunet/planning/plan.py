@@ -650,6 +650,34 @@ def default_tta(dim: int, configuration: str) -> str:
     return "flip" if dim == 3 and configuration == "3d" else "none"
 
 
+def default_training(dim: int, patch: Sequence[int]) -> dict:
+    """The measured training defaults (loss, AdamW + cosine, EMA, early stopping, sampling,
+    augmentation for ``dim``-D patches): every plan starts from them, imported ones included."""
+    return {
+        "loss": "dice_ce",
+        "loss_options": {},
+        "optimizer": "adamw",
+        "schedule": "cosine",
+        "lr": 3e-3,
+        "min_lr": 1e-6,
+        "weight_decay": 1e-4,
+        "warmup_fraction": 0.02,
+        "grad_clip": 12.0,
+        "ema": 0.99,
+        "ema_every": 4,
+        "patience": 15,
+        "patience_after": 0.5,
+        "min_delta": 0.0,
+        "iterations_per_epoch": 100,
+        "epochs": 50,
+        "fg_oversample": 1 / 3,
+        "val_fraction": 0.2,
+        "val_time_share": 0.15,
+        "val_min_cases": 5,
+        "augment": default_augmentation(dim, list(patch)),
+    }
+
+
 def make_plan(dataset: Dataset, fingerprint: dict, preset: str = "default", *, config: str = "auto",
               device_memory_gb: float | None = None, ct_window: str | None = None,
               window: tuple[float, float] | None = None, spacing: Sequence[float] | None = None,
@@ -807,29 +835,7 @@ def make_plan(dataset: Dataset, fingerprint: dict, preset: str = "default", *, c
     norm, reasons["normalization"] = _normalization(dataset.channel_names, fingerprint["intensity"],
                                                     nonzero_norm, win)
     fg_fraction = 1.0 - fingerprint["class_fraction"][0]
-    training = {
-        "loss": "dice_ce",
-        "loss_options": {},
-        "optimizer": "adamw",
-        "schedule": "cosine",
-        "lr": 3e-3,
-        "min_lr": 1e-6,
-        "weight_decay": 1e-4,
-        "warmup_fraction": 0.02,
-        "grad_clip": 12.0,
-        "ema": 0.99,
-        "ema_every": 4,
-        "patience": 15,
-        "patience_after": 0.5,
-        "min_delta": 0.0,
-        "iterations_per_epoch": 100,
-        "epochs": 50,
-        "fg_oversample": 1 / 3,
-        "val_fraction": 0.2,
-        "val_time_share": 0.15,
-        "val_min_cases": 5,
-        "augment": default_augmentation(dim, patch),
-    }
+    training = default_training(dim, patch)
     reasons["training.fg_oversample"] = (f"share of patches centred on foreground (foreground: "
                                          f"{100 * fg_fraction:.1f}% of the voxels)")
     inference = {"overlap": 0.5, "sigma_scale": 0.125, "tta": default_tta(dim, chosen)}

@@ -24,8 +24,16 @@ class Backend(Protocol):
     def __call__(self, batch: torch.Tensor) -> torch.Tensor: ...
 
 
+def channels_last_pays(net: torch.nn.Module) -> bool:
+    """Whether ``net`` runs faster channels_last: not with instance norm, whose PyTorch kernel
+    copies a channels_last activation into a contiguous one (and the next conv copies it back):
+    an imported nnU-Net network ran ~10 % faster contiguous, in fp32 and bf16 (BENCHMARKS.md)."""
+    return not any(isinstance(m, torch.nn.modules.instancenorm._InstanceNorm) for m in net.modules())
+
+
 class TorchBackend:
-    """A PyTorch module on a device, with autocast precision and channels_last on 2D/3D."""
+    """A PyTorch module on a device, with autocast precision and channels_last on 2D/3D
+    (where :func:`channels_last_pays`)."""
 
     name = "torch"
 
@@ -33,12 +41,13 @@ class TorchBackend:
         self.net = net
         self.device = device
         self.precision = precision
+        self.channels_last = channels_last_pays(net)
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         x = batch.to(self.device, non_blocking=True)
         nsp = x.ndim - 2
-        if nsp in (2, 3):
+        if nsp in (2, 3) and self.channels_last:
             x = x.contiguous(memory_format=memory_format(nsp))
         with autocast(self.device, self.precision):
             logits = self.net(x)

@@ -23,7 +23,7 @@ import torch
 
 from medunet.errors import InputError
 from medunet.files import atomic_file
-from medunet.inference.backends import Backend, OnnxBackend, TorchBackend
+from medunet.inference.backends import Backend, OnnxBackend, TorchBackend, channels_last_pays
 from medunet.inference.normalization import WindowNormalizer
 from medunet.inference.postprocess import apply_postprocessing, parse_postprocessing
 from medunet.inference.sliding_window import indices_to_labels, sliding_window
@@ -728,7 +728,7 @@ def _save_npz(path: Path, probs: np.ndarray) -> None:
 
 def _prepare(net: torch.nn.Module, device: torch.device, dim: int) -> torch.nn.Module:
     net = net.to(device).eval()
-    return net.to(memory_format=memory_format(dim))
+    return net.to(memory_format=memory_format(dim)) if channels_last_pays(net) else net
 
 
 # --------------------------------------------------------------------------------------------

@@ -147,8 +147,10 @@ def reference_forward(sd: dict, kw: dict, x: torch.Tensor, encoder: str) -> torc
 def write_result_folder(root: Path, dims: int = 3, encoder: str = "plain", folds=(0,),
                         reader: str | None = None, schemes=("ZScoreNormalization",), mask=(False,),
                         patch=None, spacing=None, mirror=(0, 1, 2),
-                        configuration: str | None = None, classes: int = 3) -> tuple[Path, dict, dict]:
-    """An nnU-Net result folder with random weights; returns it, the state dicts by fold, the kwargs."""
+                        configuration: str | None = None, classes: int = 3,
+                        volume_spacing: list[float] | None = None) -> tuple[Path, dict, dict]:
+    """An nnU-Net result folder with random weights; returns it, the state dicts by fold, the kwargs.
+    ``volume_spacing`` (z, y, x) with ``dims=2``: a 2d configuration of 3D data."""
     configuration = configuration or ("3d_fullres" if dims == 3 else "2d")
     folder = root / f"nnUNetTrainer__nnUNetPlans__{configuration}"
     kw = arch_kwargs(dims, encoder)
@@ -172,10 +174,12 @@ def write_result_folder(root: Path, dims: int = 3, encoder: str = "plain", folds
                                                             else "PlainConvUNet"),
                                "arch_kwargs": kw, "_kw_requires_import": ["conv_op", "norm_op", "nonlin"]},
               "batch_dice": True}
+    volume = dims == 3 or volume_spacing is not None
     plans = {"dataset_name": "Dataset009_Test", "plans_name": "nnUNetPlans",
-             "original_median_spacing_after_transp": spacing if dims == 3 else [999.0, *spacing],
-             "original_median_shape_after_transp": patch if dims == 3 else [1, *patch],
-             "image_reader_writer": reader or ("SimpleITKIO" if dims == 3 else "NaturalImage2DIO"),
+             "original_median_spacing_after_transp": (volume_spacing or spacing) if volume
+             else [999.0, *spacing],
+             "original_median_shape_after_transp": patch if dims == 3 else [5 if volume else 1, *patch],
+             "image_reader_writer": reader or ("SimpleITKIO" if volume else "NaturalImage2DIO"),
              "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
              "configurations": {configuration: config}, "experiment_planner_used": "ExperimentPlanner",
              "label_manager": "LabelManager",
@@ -457,3 +461,29 @@ def test_an_imported_model_exports_serves_and_distils_like_a_trained_one(tmp_pat
     student = distill(model, tmp_path / "student", data, width=0.5, init="random", epochs=1, progress=False,
                       precision="fp32")
     assert (tmp_path / "student" / "checkpoint_best.pt").is_file() and student is not None
+
+
+def test_a_2d_configuration_of_3d_data_runs_slice_by_slice(tmp_path):
+    """nnU-Net's 2d configuration of a volume: a 2D network on each (y, x) slice, the slice
+    spacing of every case kept; medunet runs it as a 3D network with kernel 1 across slices."""
+    folder, sds, kw = write_result_folder(tmp_path, 2, configuration="2d", volume_spacing=[3.0, 1.0, 1.0],
+                                          mirror=(0, 1))
+    pred = Predictor.load(import_nnunet(folder, tmp_path / "m"), precision="fp32", postprocess="none")
+    plan = pred.plan
+    # SimpleITK's (z, y, x): the slice axis z is medunet's axis 2
+    assert plan.dim == 3 and plan.configuration == "2d" and plan.patch_size == [16, 16, 1]
+    assert plan.preprocessing["keep_spacing_axes"] == [2] and plan.inference["mirror_axes"] == [0, 1]
+    img = np.random.default_rng(4).normal(5, 2, (1, 16, 16, 4)).astype(np.float32)
+    labels, _ = pred.predict_array(img, tta="flip", spacing=[1.0, 1.0, 3.7], probabilities=False)  # kept
+    x = (img - img.mean()) / img.std()
+    want = np.zeros(img.shape[1:], np.uint8)
+    for z in range(img.shape[3]):
+        sl = torch.from_numpy(x[0, :, :, z].T.copy())[None, None]  # nnU-Net's (y, x) slice
+        total = 0
+        for flip in [(), (2,), (3,), (2, 3)]:
+            xin = torch.flip(sl, flip) if flip else sl
+            with torch.no_grad():
+                y = reference_forward(sds[0], kw, xin, "plain")
+            total = total + (torch.flip(y, flip) if flip else y)
+        want[:, :, z] = total[0].argmax(0).numpy().T
+    assert (labels == want).mean() > 0.999

@@ -41,6 +41,7 @@ from medunet.preprocessing.pipeline import (
     preprocessing_options,
     revert_probabilities,
     revert_to_indices,
+    target_spacing,
 )
 from medunet.runtime import memory_format, resolve_device, resolve_precision
 
@@ -355,7 +356,7 @@ class Predictor:
         is normalised already (a plan that normalises before resampling, as nnU-Net does)."""
         opts = preprocessing_options(self.plan)
         spacing = case_spacing(spacing, image.shape[1:], self.plan)
-        resample = opts["resample"] and needs_resampling(spacing, self.plan.spacing)
+        resample = opts["resample"] and needs_resampling(spacing, target_spacing(self.plan, spacing))
         if not opts["crop_nonzero"] and not resample:
             return image, None, False
         first = bool(resample and opts["normalize_first"])

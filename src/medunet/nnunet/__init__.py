@@ -133,7 +133,9 @@ def import_nnunet(result_folder: str | Path, model_dir: str | Path, folds: Seque
             plan, net_to_med = make_plan(plans, dataset, configuration, None if axes is None else list(axes),
                                          plans_path, dataset_path)
             net = plan.build_network()
-            state = map_state_dict(ckpt["network_weights"], net.state_dict(), plan.dim, net_to_med, path)
+            lift = bool(plan.preprocessing.get("keep_spacing_axes"))  # a 2D network run slice by slice
+            state = map_state_dict(ckpt["network_weights"], net.state_dict(), plan.dim, net_to_med, path,
+                                   lift)
             net.load_state_dict(state)  # strict: every name and shape, once more
             trainer, epoch = ckpt.get("trainer_name", "?"), ckpt.get("current_epoch", "?")
             plan.reasons["imported"] = (f"nnU-Net v2 model {folder.resolve()} ({trainer}, configuration "

@@ -69,9 +69,12 @@ def medunet_name(key: str) -> str | None:
     raise KeyError(key)
 
 
-def permute_kernel(t: torch.Tensor, dims: int, net_to_med: list[int]) -> torch.Tensor:
+def permute_kernel(t: torch.Tensor, dims: int, net_to_med: list[int], lift: bool = False) -> torch.Tensor:
     """A conv weight ``(out, in, *kernel)`` with its kernel axes moved from the network's order
-    into medunet's (1-D tensors: norms, biases, are returned as they are)."""
+    into medunet's (1-D tensors: norms, biases, are returned as they are). ``lift``: the weight
+    is a 2D network's, run slice by slice in a 3D one: it gains a kernel axis of 1 first."""
+    if lift and t.ndim == dims + 1:
+        t = t.unsqueeze(2)
     if t.ndim != dims + 2 or net_to_med == list(range(dims)):
         return t
     inverse = [net_to_med.index(j) for j in range(dims)]
@@ -79,9 +82,10 @@ def permute_kernel(t: torch.Tensor, dims: int, net_to_med: list[int]) -> torch.T
 
 
 def map_state_dict(weights: dict[str, torch.Tensor], target: dict[str, torch.Tensor], dims: int,
-                   net_to_med: list[int], path: Path) -> dict[str, torch.Tensor]:
+                   net_to_med: list[int], path: Path, lift: bool = False) -> dict[str, torch.Tensor]:
     """nnU-Net's weights under the target network's names, permuted and checked: every target
-    entry is filled with a tensor of its shape and every nnU-Net weight is used."""
+    entry is filled with a tensor of its shape and every nnU-Net weight is used (``lift``: see
+    :func:`permute_kernel`)."""
     out: dict[str, torch.Tensor] = {}
     for key, value in weights.items():
         try:
@@ -94,7 +98,7 @@ def map_state_dict(weights: dict[str, torch.Tensor], target: dict[str, torch.Ten
         if name not in target:
             raise InputError(f"checkpoint weight '{key}' has no place in the plan's network ({name})", path,
                              "the checkpoint does not match its plans.json")
-        value = permute_kernel(value, dims, net_to_med)
+        value = permute_kernel(value, dims, net_to_med, lift)
         if tuple(value.shape) != tuple(target[name].shape):
             raise InputError(f"checkpoint weight '{key}' has shape {tuple(value.shape)}, the plan's network "
                              f"needs {tuple(target[name].shape)}", path, "the checkpoint does not match its "

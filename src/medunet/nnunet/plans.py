@@ -119,16 +119,20 @@ def network_options(arch: dict, dims: int, net_to_med: list[int], path: Path) ->
     if unsupported:
         raise InputError(f"{cls.rsplit('.', 1)[-1]} with {unsupported} is not supported", path)
     conv_dims = 3 if "Conv3d" in str(kw.get("conv_op", "")) else 2
-    if conv_dims != dims:
-        raise InputError(f"a {conv_dims}D network for {dims}D data (a 2d configuration of 3D data) is not "
-                         "supported yet", path, "import the 3d_fullres or 3d_lowres configuration")
+    if conv_dims > dims:
+        raise InputError(f"a 3D network for {dims}D data", path)
+    # a 2D network on 3D data (nnU-Net's 2d configuration) runs slice by slice: medunet builds it
+    # 3D with kernel and stride 1 on the slice axis (the first after transpose_forward)
+    lift = [1] if conv_dims < dims else []
     nonlin = NONLINS.get(str(kw.get("nonlin")))
     slope = (kw.get("nonlin_kwargs") or {}).get("negative_slope", 0.01)
     if nonlin is None or (nonlin == "leakyrelu" and float(slope) != 0.01):
         raise InputError(f"non-linearity {kw.get('nonlin')} {kw.get('nonlin_kwargs')} is not supported "
                          "(LeakyReLU 0.01 or ReLU)", path)
-    strides = [[int(v) for v in s] if isinstance(s, list) else [int(s)] * dims for s in kw["strides"]]
-    kernels = [[int(v) for v in k] if isinstance(k, list) else [int(k)] * dims for k in kw["kernel_sizes"]]
+    strides = [lift + ([int(v) for v in s] if isinstance(s, list) else [int(s)] * conv_dims)
+               for s in kw["strides"]]
+    kernels = [lift + ([int(v) for v in k] if isinstance(k, list) else [int(k)] * conv_dims)
+               for k in kw["kernel_sizes"]]
     if any(v != 1 for v in strides[0]):
         raise InputError(f"the first stage down-samples (strides {strides[0]})", path)
     n_stages = int(kw.get("n_stages", len(kw["features_per_stage"])))
@@ -212,17 +216,28 @@ def make_plan(plans: dict, dataset: dict, configuration: str, mirror_axes: list[
     channels = dataset.get("channel_names") or dataset.get("modality") or {}
     names = [str(channels[k]) for k in sorted(channels, key=int)]
     label_names, label_values = labels_of(dataset, dataset_path)
-    spacing_3d = plans.get("original_median_spacing_after_transp") or []
-    dim = 2 if (len(config["patch_size"]) == 2 and spacing_3d and float(spacing_3d[0]) >= 999) else 3
-    if len(config["patch_size"]) == 2 and dim == 3:
-        raise InputError("a 2d configuration of 3D data is not supported yet", plans_path,
-                         "import the 3d_fullres or 3d_lowres configuration")
+    spacing_3d = [float(v) for v in plans.get("original_median_spacing_after_transp") or []]
+    shape_3d = [float(v) for v in plans.get("original_median_shape_after_transp") or []]
+    slices = len(config["patch_size"]) == 2 and not (spacing_3d and spacing_3d[0] >= 999)
+    dim = 3 if len(config["patch_size"]) == 3 or slices else 2
     reader = plans.get("image_reader_writer") or "SimpleITKIO"
     net_to_med = axis_map(reader, dim, plans.get("transpose_forward", [0, 1, 2]), plans_path)
+    # per-axis values in the network's order; a 2d configuration of 3D data adds the slice axis
+    # (patch 1, its median spacing and size: each case keeps its own spacing there)
+    if slices and len(spacing_3d) != 3:
+        raise InputError("plans.json lacks original_median_spacing_after_transp (needed for a 2d "
+                         "configuration of 3D data)", plans_path)
+
+    def lead(values: list, first: float) -> list:
+        return [first, *values] if slices else list(values)
+
+    first_spacing = spacing_3d[0] if slices else 0.0
+    first_size = shape_3d[0] if slices and len(shape_3d) == 3 else 1.0
     network = network_options(config["architecture"], dim, net_to_med, plans_path)
-    axes = None if mirror_axes is None else sorted(net_to_med[int(a)] for a in mirror_axes)
+    shift = 1 if slices else 0  # the 2D network's axes are the last two
+    axes = None if mirror_axes is None else sorted(net_to_med[int(a) + shift] for a in mirror_axes)
     force = data_kw.get("force_separate_z")
-    patch = [int(p) for p in to_medunet(config["patch_size"], net_to_med)]
+    patch = [int(p) for p in to_medunet(lead(config["patch_size"], 1), net_to_med)]
     inference = {"tta": "flip" if axes else "none", "mirror_axes": axes or [], "average": "logits",
                  "window_weights": "nnunet", "pad": "center", "overlap": 0.5, "sigma_scale": 0.125}
     # medunet's measured training defaults: used only when the model is fine-tuned or distilled
@@ -230,15 +245,16 @@ def make_plan(plans: dict, dataset: dict, configuration: str, mirror_axes: list[
     plan = Plan(
         dataset_name=str(plans.get("dataset_name", dataset.get("name", "nnunet"))), dim=dim,
         in_channels=len(names), channel_names=names, label_names=label_names, label_values=label_values,
-        spacing=[float(s) for s in to_medunet(config["spacing"], net_to_med)],
-        median_shape=[int(round(float(s))) for s in to_medunet(config["median_image_size_in_voxels"],
-                                                                 net_to_med)],
+        spacing=[float(s) for s in to_medunet(lead(config["spacing"], first_spacing), net_to_med)],
+        median_shape=[int(round(float(s))) for s in to_medunet(
+            lead(config["median_image_size_in_voxels"], first_size), net_to_med)],
         normalization=normalization(config, plans, len(names), plans_path),
         patch_size=patch, batch_size=int(config.get("batch_size", 2)), network=network,
         training=training, inference=inference, reasons=value_reasons(training, inference),
         preprocessing={"crop_nonzero": True, "resample": True, "image_order": int(data_kw.get("order", 3)),
                        "separate_z": None if force is False else "auto", "normalize_first": True,
-                       "clip_resampled": True, "label_mode": "nearest"},
-        configuration=f"{dim}d", configurations=[f"{dim}d"],
+                       "clip_resampled": True, "label_mode": "nearest",
+                       "keep_spacing_axes": [net_to_med[0]] if slices else []},
+        configuration="2d" if slices else f"{dim}d", configurations=["2d" if slices else f"{dim}d"],
     )
     return plan, net_to_med

@@ -273,8 +273,9 @@ TYPED_SECTIONS: dict[str, frozenset[str]] = {
     # average, window_weights, pad, mirror_axes: how imported nnU-Net models predict (nnunet/)
     "inference": frozenset({"average", "mirror_axes", "overlap", "pad", "postprocessing", "sigma_scale",
                             "tta", "tta_choice", "window_weights"}),
-    "preprocessing": frozenset({"clip_resampled", "crop_nonzero", "image_order", "image_size", "label_mode",
-                                "normalize_first", "resample", "separate_z"}),
+    "preprocessing": frozenset({"clip_resampled", "crop_nonzero", "image_order", "image_size",
+                                "keep_spacing_axes", "label_mode", "normalize_first", "resample",
+                                "separate_z"}),
     "network": frozenset(),  # the registered networks' options (nets.network_option_names), see _section_keys
 }
 

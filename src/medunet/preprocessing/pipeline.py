@@ -25,12 +25,13 @@ from medunet.preprocessing.resample import (
 
 __all__ = ["PreprocessInfo", "auto_separate_z", "case_spacing", "needs_resampling", "prepare_geometry",
            "preprocess_case", "preprocessing_options", "revert_labels", "revert_probabilities",
-           "revert_to_indices"]
+           "revert_to_indices", "target_spacing"]
 
 SPACING_TOLERANCE = 0.01  # relative: spacings closer than 1 % are the same grid
 
 _DEFAULTS = {"crop_nonzero": False, "resample": False, "image_order": 3, "label_mode": "nearest",
-             "separate_z": None, "image_size": None, "normalize_first": False, "clip_resampled": False}
+             "separate_z": None, "image_size": None, "normalize_first": False, "clip_resampled": False,
+             "keep_spacing_axes": []}
 # nnU-Net's anisotropy rule (separate_z "auto"): an axis coarser than 3x the finest is resampled apart
 ANISOTROPY = 3.0
 
@@ -58,6 +59,17 @@ def auto_separate_z(spacing: Sequence[float], target: Sequence[float]) -> int | 
             thick = [a for a, v in enumerate(sp) if v == max(sp)]
             return thick[0] if len(thick) == 1 else None
     return None
+
+
+def target_spacing(plan, spacing: Sequence[float] | None) -> list[float]:
+    """The spacing a case is resampled to: the plan's, except on ``keep_spacing_axes``, where
+    the case keeps its own (the slice axis of an imported nnU-Net ``2d`` configuration, which
+    nnU-Net never resamples)."""
+    target = [float(s) for s in plan.spacing]
+    if spacing is not None:
+        for a in preprocessing_options(plan)["keep_spacing_axes"] or []:
+            target[int(a)] = float(spacing[int(a)])
+    return target
 
 
 def case_spacing(spacing: Sequence[float] | None, shape: Sequence[int], plan) -> list[float] | None:
@@ -122,7 +134,7 @@ def prepare_geometry(image: np.ndarray, spacing: Sequence[float] | None, plan, n
     bbox = nonzero_bbox(image) if opts["crop_nonzero"] else [[0, n] for n in spatial]
     cropped = crop(image, bbox) if not is_full(bbox, spatial) else image
     after_crop = [int(n) for n in cropped.shape[1:]]
-    target = [float(s) for s in plan.spacing]
+    target = target_spacing(plan, spacing_l)
     separate_z = opts["separate_z"]
     if separate_z == "auto":
         separate_z = auto_separate_z(spacing_l, target)

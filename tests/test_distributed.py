@@ -161,3 +161,28 @@ def test_a_dead_rank_ends_the_run_with_an_error(ddp_data, tmp_path):
             proc.kill()
             proc.wait()
     assert (model / "checkpoint_last.pt").is_file()  # what rank 0 saved is kept for --resume
+
+
+def test_collectives_use_cuda_tensors_under_nccl(monkeypatch):
+    """NCCL reduces only CUDA tensors: the budget and validation collectives must put theirs on
+    the rank's GPU there, and stay on the CPU under Gloo."""
+    from medunet.training import distributed
+
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert distributed._collective_device() == torch.device("cuda", 3)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda *a: "gloo")
+    assert distributed._collective_device() == torch.device("cpu")
+
+
+def test_a_rank_without_its_own_gpu_is_a_clear_error(monkeypatch):
+    """Two ranks cannot share a GPU under NCCL: say so before joining, not with a CUDA error."""
+    from medunet.errors import InputError
+    from medunet.training import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(InputError, match="rank 1 needs GPU 1, but this node has 1 visible"):
+        distributed.setup(torch.device("cuda", 0))

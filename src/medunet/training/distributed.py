@@ -45,9 +45,9 @@ class Dist:
         """Element-wise sum over the ranks (validation counts)."""
         if not self.active:
             return array
-        t = torch.as_tensor(np.asarray(array, dtype=np.float64))
+        t = torch.as_tensor(np.asarray(array, dtype=np.float64), device=_collective_device())
         torch.distributed.all_reduce(t)
-        return t.numpy()
+        return t.cpu().numpy()
 
     def decide(self, flag: bool) -> bool:
         """Rank 0's ``flag`` on every rank: a decision taken from one clock (the time budget),
@@ -58,7 +58,7 @@ class Dist:
         """Rank 0's ``values`` on every rank (the budget's progress: one learning rate for all)."""
         if not self.active:
             return values
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
         torch.distributed.broadcast(t, src=0)
         return t.tolist()
 
@@ -68,6 +68,14 @@ class Dist:
 
 
 SINGLE = Dist()
+
+
+def _collective_device() -> torch.device:
+    """Where the small tensors of :class:`Dist`'s collectives live: NCCL reduces only CUDA
+    tensors (a CPU tensor is an error there), Gloo those on the CPU."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def from_environment() -> Dist:
@@ -90,6 +98,12 @@ def setup(device: torch.device) -> Dist:
         return dist
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
+        if dist.local_rank >= torch.cuda.device_count():
+            # NCCL cannot put two ranks on one GPU, so a rank without its own GPU cannot join
+            raise InputError(f"rank {dist.rank} needs GPU {dist.local_rank}, but this node has "
+                             f"{torch.cuda.device_count()} visible",
+                             fix="start at most one process per GPU (--nproc / --nproc-per-node), "
+                                 "or train on the CPU with --device cpu")
         torch.cuda.set_device(dist.local_rank)
     torch.distributed.init_process_group(backend, timeout=timedelta(seconds=TIMEOUT_S))
     atexit.register(_teardown)  # one group for the process (folds train one after the other in it)

@@ -186,3 +186,21 @@ def test_a_rank_without_its_own_gpu_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(InputError, match="rank 1 needs GPU 1, but this node has 1 visible"):
         distributed.setup(torch.device("cuda", 0))
+
+
+def test_more_processes_than_gpus_is_refused_before_launching(monkeypatch, tmp_path, capsys):
+    """``medunet train --nproc 2`` on a one-GPU node: exit 2 with the fix, no rank started."""
+    from medunet import cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(cli, "_torchrun", lambda n: pytest.fail("a launcher was started"))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    make_synthetic_dataset(tmp_path / "ds", n_train=4, n_test=0, shape=(32, 32))
+    monkeypatch.setattr(sys, "argv", ["medunet", "train", str(tmp_path / "ds"), "-o", str(tmp_path / "m"),
+                                      "--device", "cuda", "--nproc", "2"])
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    assert done.value.code == 2
+    assert "2 processes need 2 GPUs, but this node has 1 visible" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

@@ -203,6 +203,10 @@ def train(
     if nproc > 1 and (unlabeled is not None or semi is not None):
         raise InputError("semi-supervised training runs in one process", fix="drop --nproc")
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from medunet.runtime import resolve_device
+        from medunet.training.distributed import check_gpus
+
+        check_gpus(nproc, resolve_device(device))
         raise typer.Exit(_torchrun(nproc))
     if nproc < 1:
         raise InputError(f"--nproc {nproc} is not a positive number", fix="use 1 or more")

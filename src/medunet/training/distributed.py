@@ -99,15 +99,25 @@ def setup(device: torch.device) -> Dist:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         if dist.local_rank >= torch.cuda.device_count():
-            # NCCL cannot put two ranks on one GPU, so a rank without its own GPU cannot join
             raise InputError(f"rank {dist.rank} needs GPU {dist.local_rank}, but this node has "
-                             f"{torch.cuda.device_count()} visible",
-                             fix="start at most one process per GPU (--nproc / --nproc-per-node), "
-                                 "or train on the CPU with --device cpu")
+                             f"{torch.cuda.device_count()} visible", fix=ONE_RANK_PER_GPU)
         torch.cuda.set_device(dist.local_rank)
     torch.distributed.init_process_group(backend, timeout=timedelta(seconds=TIMEOUT_S))
     atexit.register(_teardown)  # one group for the process (folds train one after the other in it)
     return dist
+
+
+# NCCL cannot put two ranks on one GPU, so every rank on a node needs its own
+ONE_RANK_PER_GPU = ("start at most one process per GPU (--nproc / --nproc-per-node), "
+                    "or train on the CPU with --device cpu")
+
+
+def check_gpus(nproc: int, device: torch.device) -> None:
+    """Refuse ``nproc`` processes on this node when they would train on fewer GPUs (before any
+    is started, so the launcher is not left waiting for ranks that cannot join)."""
+    if device.type == "cuda" and nproc > torch.cuda.device_count():
+        raise InputError(f"{nproc} processes need {nproc} GPUs, but this node has "
+                         f"{torch.cuda.device_count()} visible", fix=ONE_RANK_PER_GPU)
 
 
 def _teardown() -> None:

@@ -14,6 +14,7 @@ the variants differ in the network only. ``resenc-L`` names resenc at size L. Pr
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -115,6 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
                 result["runs"].append({"arch": name, "dataset": key, "error": f"{type(exc).__name__}: {exc}",
                                        "traceback": traceback.format_exc(limit=3)})
             print(f"done {key} {name}", file=sys.stderr)
+            if args.out:  # a long screening: keep what is done if the run is stopped
+                args.out.write_text(json.dumps(result, indent=2))
     result["loadavg_end"] = os.getloadavg()
     emit(result, args.out)
     return result

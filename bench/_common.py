@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
@@ -57,6 +58,20 @@ def peer_eval(pred: Path, gt: Path, mask: Path | None = None, prob: Path | None 
         cmd += ["--prob", str(prob)]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.read_text())
+
+
+def log_steps(model: Path) -> dict:
+    """A run's training steps from its ``log.csv``: steps, epochs, step seconds (validation
+    excluded), steps per second, the last training loss and the best validation Dice."""
+    with (model / "log.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    steps = int(rows[-1]["iterations"])
+    step_s = sum(float(r["epoch_seconds"]) - float(r["val_seconds"]) for r in rows)
+    dice = [float(r["val_dice"]) for r in rows if r["val_dice"] not in ("", "nan")]
+    return {"steps": steps, "epochs": len(rows), "step_seconds": round(step_s, 1),
+            "steps_per_second": round(steps / step_s, 3), "last_train_loss": float(rows[-1]["train_loss"]),
+            "best_val_dice": max(dice) if dice else None,
+            "data_wait_share": float(rows[-1].get("data_wait_share") or 0.0)}
 
 
 def emit(result: dict, path: Path | None) -> None:

@@ -26,7 +26,6 @@ group uses Gloo) so it can be checked before a lease.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import socket
@@ -38,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
-from _common import emit, machine  # noqa: E402
+from _common import emit, log_steps, machine  # noqa: E402
 
 T0 = time.perf_counter()
 
@@ -85,39 +84,24 @@ def peaks() -> dict:
     return out
 
 
-def log_facts(model: Path) -> dict:
-    """Steps per second without validation, and the last losses, from the run's log.csv."""
-    rows = list(csv.DictReader((model / "log.csv").open()))
-    steps = int(rows[-1]["iterations"])
-    step_s = sum(float(r["epoch_seconds"]) - float(r["val_seconds"]) for r in rows)
-    dice = [float(r["val_dice"]) for r in rows if r["val_dice"] not in ("", "nan")]
-    return {"epochs": len(rows), "steps": steps, "steps_per_second": round(steps / step_s, 2),
-            "last_train_loss": float(rows[-1]["train_loss"]),
-            "best_val_dice": max(dice) if dice else None,
-            "data_wait_share": float(rows[-1].get("data_wait_share") or 0.0)}
-
-
 def optimiser_facts(model: Path, device: str) -> dict:
     """What training builds for this plan on this device: the optimiser's kernel and layout."""
-    import torch
-
     from medunet.planning import Plan
     from medunet.runtime import memory_format
     from medunet.training.optim import build_optimizer
 
     plan = Plan.load(model)
-    net = plan.build_network().to(device).to(memory_format=memory_format(plan.dim))
+    fmt = memory_format(plan.dim)
+    net = plan.build_network().to(device).to(memory_format=fmt)
     opt = build_optimizer(net, plan.training)
     weights = [p for p in net.parameters() if p.dim() == plan.dim + 2]
-    fmt = memory_format(plan.dim)
     return {"optimizer": type(opt).__name__, "fused": bool(opt.defaults.get("fused")),
             "channels_last_weights": sum(p.is_contiguous(memory_format=fmt) and not p.is_contiguous()
                                          for p in weights),
             "conv_weights": len(weights),
             "dense_views": sum(hasattr(p, "_medunet_perm") for g in opt.param_groups for p in g["params"]),
             "patch_size": plan.patch_size, "batch_size": plan.batch_size,
-            "parameters": sum(p.numel() for p in net.parameters()),
-            "torch_default_dtype": str(torch.get_default_dtype())}
+            "parameters": sum(p.numel() for p in net.parameters())}
 
 
 def precision_run(ds: Path, work: Path, precision: str, budget: str, device: str) -> dict:
@@ -127,9 +111,8 @@ def precision_run(ds: Path, work: Path, precision: str, budget: str, device: str
     from throughput import step_flops
 
     model = work / f"steps_{precision}"
-    res = train(ds, model, time_budget=budget, device=device, precision=precision, progress=False,
-                report=False)
-    out = {"precision": precision, **log_facts(model), "best_val_dice_run": res.best_dice}
+    train(ds, model, time_budget=budget, device=device, precision=precision, progress=False, report=False)
+    out = {"precision": precision, **log_steps(model)}
     ckpt = torch.load(model / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     scaler = ckpt.get("scaler") or {}
     out["grad_scaler_scale"] = scaler.get("scale")
@@ -175,7 +158,7 @@ def ddp(ds: Path, work: Path, budget: str, device: str) -> dict:
     out: dict = {"returncode": p.returncode}
     if p.returncode == 0:
         out.update(json.loads(p.stdout.strip().splitlines()[-1]))
-        out.update(log_facts(model))
+        out.update(log_steps(model))
     else:
         out["stderr_tail"] = p.stderr[-2000:]
     if device == "cuda":  # two ranks on a one-GPU node: the clear error, not a hang
@@ -199,7 +182,7 @@ def drive(ds: Path, args: argparse.Namespace) -> dict:
     preds = run["predictions"]
     scores = _common.peer_eval(preds, ds / "labelsTs", mask=ds / "masksTs", prob=preds)
     facts = {k: v for k, v in run["facts"].items() if k != "machine"}
-    return {**facts, **{f"log_{k}": v for k, v in log_facts(run["model"]).items()},
+    return {**facts, **{f"log_{k}": v for k, v in log_steps(run["model"]).items()},
             "test_pooled_in_fov": {k: scores["pooled"].get(k) for k in ("dice", "auc", "accuracy")},
             "test_mean_dice": scores["mean"].get("dice")}
 

@@ -13,7 +13,6 @@ comparison measures Gloo's overhead against one process's threading.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import shutil
 import subprocess
@@ -21,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA, emit, machine, peer_eval  # noqa: E402
+from _common import DATA, emit, log_steps, machine, peer_eval  # noqa: E402
 
 
 def run(name: str, nproc: int, args: argparse.Namespace) -> dict:
@@ -33,20 +32,17 @@ def run(name: str, nproc: int, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "medunet", "train", str(ds), "-o", str(model), "--time-budget", args.budget,
            "--quiet", "--no-report", "--nproc", str(nproc)]
     subprocess.run(cmd, env=env, check=True)
-    rows = list(csv.DictReader((model / "log.csv").open()))
-    steps = int(rows[-1]["iterations"])
-    step_s = sum(float(r["epoch_seconds"]) - float(r["val_seconds"]) for r in rows)
+    log = log_steps(model)
     from medunet.planning import Plan
 
     plan = Plan.load(model)
     subprocess.run([sys.executable, "-m", "medunet", "predict", str(model), str(ds / "imagesTs"), "-o",
                     str(preds), "--save-probabilities", "--quiet"], env={**os.environ}, check=True)
     scores = peer_eval(preds, ds / "labelsTs", mask=ds / "masksTs", prob=preds)
-    return {"processes": nproc, "threads_each": threads, "steps": steps, "epochs": len(rows),
-            "steps_per_second": round(steps / step_s, 3),
-            "patches_per_second": round(steps * nproc * plan.batch_size / step_s, 2),
-            "global_batch": nproc * plan.batch_size,
-            "best_val_dice": max(float(r["val_dice"]) for r in rows if r["val_dice"] not in ("", "nan")),
+    return {"processes": nproc, "threads_each": threads, "steps": log["steps"], "epochs": log["epochs"],
+            "steps_per_second": log["steps_per_second"],
+            "patches_per_second": round(log["steps"] * nproc * plan.batch_size / log["step_seconds"], 2),
+            "global_batch": nproc * plan.batch_size, "best_val_dice": log["best_val_dice"],
             "test_f1_in_fov": scores["pooled"].get("dice"), "test_auc_in_fov": scores["pooled"].get("auc")}
 
 

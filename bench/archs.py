@@ -1,11 +1,13 @@
-"""The U-Net family on DRIVE and Left Atrium: every variant (--arch) under one CPU time budget.
+"""The U-Net family on DRIVE, Left Atrium and ISBI EM: every variant (--arch) under one CPU budget.
 
-    python bench/archs.py [--archs unet,resenc,...] [--datasets drive,la] [--budget 10m]
+    python bench/archs.py [--archs unet,resenc,...] [--datasets drive,la,em] [--budget 10m]
                           [--work /tmp/medunet_bench_archs] [--out result.json]
 
 Per variant and dataset: parameters, training iterations per second, prediction seconds per
 test case, and the test scores from the independent evaluator in ../shared/peers: DRIVE pooled
-F1 (= Dice) and AUC inside the FOV masks, Left Atrium mean Dice and HD95 (mm). Each run is a
+F1 (= Dice) and AUC inside the FOV masks, Left Atrium mean Dice and HD95 (mm), ISBI EM
+membrane Dice pooled and per slice (the screening's default is DRIVE and LA; ``em`` joins
+for the 30-minute comparison of the best variant with the default). Each run is a
 plain ``medunet.train`` with ``network.arch`` set (the plan is otherwise the default one), so
 the variants differ in the network only. ``resenc-L`` names resenc at size L. Prints JSON
 (one entry per run; a run that fails is recorded with its error and the others go on).
@@ -25,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DATA, budget_args, emit, machine, peer_eval  # noqa: E402
 
-DATASETS = {"drive": "Dataset001_DRIVE", "la": "Dataset003_LeftAtrium"}
+DATASETS = {"drive": "Dataset001_DRIVE", "la": "Dataset003_LeftAtrium", "em": "Dataset002_ISBIEM"}
 # pseudo names for the variants' sizes: name -> (arch, extra plan overrides)
 ALIASES = {"resenc-L": ("resenc", {"network.size": "L"})}
 
@@ -79,6 +81,10 @@ def run_one(name: str, key: str, args: argparse.Namespace) -> dict:
     if key == "drive":
         scores = peer_eval(preds, ds / "labelsTs", mask=ds / "masksTs", prob=preds)
         out["test_pooled_in_fov"] = {"f1": scores["pooled"].get("dice"), "auc": scores["pooled"].get("auc")}
+    elif key == "em":  # label 1 = membrane
+        scores = peer_eval(preds, ds / "labelsTs")
+        out["test_membrane_dice"] = {"pooled": scores["pooled"].get("dice"),
+                                     "mean": scores["mean"].get("dice")}
     else:
         scores = peer_eval(preds, ds / "labelsTs")
         out["test_mean"] = {"dice": scores["mean"].get("dice"), "hd95": scores["mean"].get("hd95")}

@@ -36,6 +36,7 @@ from medunet.training.semi import (
     masked_dice_ce,
     mc_predict,
     perturb,
+    predict_pseudo_labels,
     pseudo_labels,
     semi_settings,
     sigmoid_ramp,
@@ -262,22 +263,69 @@ def test_cps_trains_two_differently_initialised_networks(plan):
     assert mode.checkpoint()["model_b"] is not None
 
 
-def test_pseudo_rounds_freeze_the_model_at_each_round(plan):
-    mode = _mode(plan, "pseudo", pseudo_rounds=2)
+def test_pseudo_labels_of_a_whole_case(plan):
+    """A per-pixel network (logits 0 and 4x for background and foreground) predicts a case larger
+    than the patch: every window sees the same probability at a pixel, so the whole-case map is
+    the thresholded sigmoid(4x) pixel by pixel."""
+    net = torch.nn.Conv2d(1, 2, 1)
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([0.0, 4.0]).view(2, 1, 1, 1))
+        net.bias.zero_()
+    x = np.linspace(-1.5, 1.5, 70 * 50, dtype=np.float32).reshape(1, 70, 50)
+    assert all(n > p for n, p in zip(x.shape[1:], plan.patch_size, strict=True))
+    got = predict_pseudo_labels(net, x, plan, torch.device("cpu"), "fp32", 0.9)
+    p_fg = 1 / (1 + np.exp(-4.0 * x[0]))
+    want = np.where(p_fg > 0.9, 1, np.where(p_fg < 0.1, 0, IGNORE))
+    far = np.abs(np.maximum(p_fg, 1 - p_fg) - 0.9) > 1e-4  # away from the threshold's float ties
+    assert got.dtype == np.uint8 and got.shape == (70, 50)
+    np.testing.assert_array_equal(got[far], want[far])
+    assert {0, 1, IGNORE} <= set(np.unique(got).tolist())
+
+
+def test_pseudo_rounds_predict_targets_with_the_model_frozen_at_each_round(plan):
+    mode = _mode(plan, "pseudo", pseudo_rounds=2, pseudo_threshold=0.6)
     progress = [0.0]
     mode.progress = lambda: progress[0]
     mode.train()
-    parts = mode.step(mode.draw(), 1e-2)
+    batch = mode.draw()
+    assert len(batch) == 2 and batch[0].shape[0] == plan.batch_size  # labels only: the whole batch
+    parts = mode.step(batch, 1e-2)
     assert mode.pseudo_round == 0 and mode.pseudo_net is None and math.isnan(parts["unlabeled_loss"])
     progress[0] = 0.34  # round 1 of 2 (the run in thirds)
-    mode.step(mode.draw(), 1e-2)
+    batch = mode.draw()
     first = mode.pseudo_net
     assert mode.pseudo_round == 1 and first is not None
+    n_l, n_u = batch_split(plan.batch_size, 1.0)
+    x, y, u, yu = batch
+    assert x.shape[0] == n_l and u.shape[0] == n_u and yu.shape == (n_u, *plan.patch_size)
+    # the targets: the frozen model's whole-case predictions of the unlabelled cases
+    for img, lab in zip(mode.unlabeled.cases, mode.pseudo_sampler.labels, strict=True):
+        want = predict_pseudo_labels(first, img, plan, torch.device("cpu"), "fp32", 0.6)
+        pad = [(p - n) // 2 if p > n else 0 for n, p in zip(img.shape[1:], plan.patch_size, strict=True)]
+        inner = tuple(slice(a, a + n) for a, n in zip(pad, want.shape, strict=True))
+        np.testing.assert_array_equal(lab[inner], want)
+    labels = mode.pseudo_sampler.labels
+    share = sum(int((lab != IGNORE).sum()) for lab in labels) / sum(lab.size for lab in labels)
+    parts = mode.step(batch, 1e-2)
+    assert parts["pseudo_labelled_share"] == pytest.approx(share) and parts["unlabeled_weight"] > 0
+    assert np.isfinite(parts["unlabeled_loss"])
     mode.step(mode.draw(), 1e-2)
     assert mode.pseudo_net is first  # frozen for the whole round
     progress[0] = 0.7
     mode.step(mode.draw(), 1e-2)
     assert mode.pseudo_round == 2 and mode.pseudo_net is not first
+
+
+def test_patches_are_never_centred_on_the_ignored_value():
+    from medunet.training.sampler import PatchSampler
+
+    lab = np.full((40, 40), IGNORE, dtype=np.uint8)
+    lab[:4, :4] = 1  # the only class voxels: a corner
+    s = PatchSampler([np.zeros((1, 40, 40), np.float32)], [lab], [8, 8], 16, fg_oversample=1.0,
+                     rng=np.random.default_rng(0), ignore=IGNORE)
+    assert list(s.fg_points[0]) == [1]
+    _, y = s.sample()
+    assert (y == 1).any(axis=(1, 2)).all()  # every patch forced onto class 1
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,11 +13,14 @@ class PatchSampler:
     A share ``fg_oversample`` of patches is centred (with jitter) on a voxel of a randomly
     chosen foreground class present in the case; the rest are placed uniformly. Cases
     smaller than the patch are padded once here (image 0 = the normalised mean, label 0).
+    ``ignore`` is a label value that is not a class (pseudo-labels' "no target"): patches are
+    never centred on it.
     """
 
     def __init__(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
                  patch: Sequence[int], batch_size: int, fg_oversample: float = 1 / 3,
-                 rng: np.random.Generator | None = None, max_fg_points: int = 20000) -> None:
+                 rng: np.random.Generator | None = None, max_fg_points: int = 20000,
+                 ignore: int | None = None) -> None:
         self.patch = np.asarray(patch, dtype=int)
         self.batch_size = batch_size
         self.fg_oversample = fg_oversample
@@ -33,7 +36,7 @@ class PatchSampler:
             self.labels.append(lab)
             points = {}
             for c in np.unique(lab):
-                if c == 0:
+                if c == 0 or c == ignore:
                     continue
                 pts = np.argwhere(lab == c)
                 if len(pts) > max_fg_points:

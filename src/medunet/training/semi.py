@@ -23,9 +23,14 @@ Methods (``training.semi.method``):
   unlabelled patch is pasted into a labelled one and the reverse; targets are the label and the
   EMA teacher's argmax, the unlabelled regions weighted ``consistency`` (0.5 in the paper).
 - ``pseudo`` (self-training in rounds): the run is split into ``pseudo_rounds + 1`` equal
-  parts; the first trains on labels only; at the start of each later round the current
-  (EMA) model is frozen and its confident predictions (max probability above
-  ``pseudo_threshold``) become targets for the unlabelled patches.
+  parts; the first trains on labels only, with the plan's whole batch. At the start of each
+  later round the current (EMA) model is frozen and predicts every unlabelled case whole
+  (sliding window, as validation does); voxels whose largest probability is above
+  ``pseudo_threshold`` get its class as target, the others are ignored. Unlabelled patches
+  are then drawn with these targets as labelled ones are (foreground oversampling, one
+  augmentation for image and target). One prediction pass per round replaces a teacher
+  forward per step, so a step costs what a supervised one does, and whole-case predictions
+  have none of the errors a network makes at the borders of a lone patch.
 
 The served network (checkpoint key ``model`` / ``ema_model``) is the student, or the teacher
 (EMA) for the teacher methods and the first network's EMA for ``cps``: a model directory
@@ -48,9 +53,11 @@ from torch import nn
 
 from medunet.augment import augment_batch
 from medunet.errors import InputError
+from medunet.inference.network import sliding_window_inference
 from medunet.runtime import memory_format
 from medunet.training.loop import SupervisedMode
 from medunet.training.losses import downsample_target, one_hot
+from medunet.training.sampler import PatchSampler
 
 METHODS = ("mean-teacher", "uamt", "cps", "bcp", "pseudo")
 # The default method until bench/semisup.py (Left Atrium, 8 and 16 labels, 30-minute CPU budget)
@@ -165,6 +172,18 @@ def pseudo_labels(probs: torch.Tensor, threshold: float) -> torch.Tensor:
     probability is above ``threshold``, :data:`IGNORE` elsewhere."""
     conf, label = probs.max(1)
     return torch.where(conf > threshold, label, torch.full_like(label, IGNORE))
+
+
+def predict_pseudo_labels(net: nn.Module, image: np.ndarray, plan, device: torch.device, precision: str,
+                          threshold: float) -> np.ndarray:
+    """One preprocessed case ``(C, *S)`` -> its ``(*S)`` uint8 pseudo-label map: the network's
+    whole-case prediction (sliding window at the plan's patch, as validation scores a case),
+    :func:`pseudo_labels` of it."""
+    probs = sliding_window_inference(
+        net.eval(), torch.from_numpy(np.array(image, dtype=np.float32)), plan.patch_size, plan.num_classes,
+        overlap=plan.inference.get("overlap", 0.5), batch_size=plan.batch_size, precision=precision,
+        device=device)
+    return pseudo_labels(probs[None], threshold)[0].numpy().astype(np.uint8)
 
 
 def masked_dice_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -329,6 +348,7 @@ class ImageSampler:
                  rng: np.random.Generator) -> None:
         self.patch = np.asarray(patch, dtype=int)
         self.batch_size, self.rng = batch_size, rng
+        self.cases = list(images)  # as given (unpadded): what pseudo-label rounds predict
         self.images = []
         for img in images:
             pad = np.maximum(self.patch - np.array(img.shape[1:]), 0)
@@ -358,7 +378,8 @@ class SemiMode(SupervisedMode):
     second network of ``cps`` (the optimiser steps both). ``progress`` is the run's share done
     (the trainer binds it to :meth:`Loop.progress`): it drives the ramp and the pseudo rounds.
     Checkpoints add the unlabelled sampler's and the perturbations' random states, ``model_b``,
-    and the frozen pseudo-label model with its round.
+    and the frozen pseudo-label model with its round (a resumed round predicts its targets
+    again with that model, rather than storing a label map per unlabelled case).
     """
 
     name = "semi"
@@ -371,6 +392,9 @@ class SemiMode(SupervisedMode):
         self.progress: Callable[[], float] = lambda: 0.0
         self.pseudo_net: nn.Module | None = None
         self.pseudo_round = 0
+        self.pseudo_sampler: PatchSampler | None = None  # unlabelled cases with this round's targets
+        self.pseudo_share = float("nan")  # share of the unlabelled voxels that are targets this round
+        self.n_labelled = self.sampler.batch_size  # labelled patches per step once unlabelled ones join
         self.name = f"semi {self.method}"
         if self.method == "cps" and net_b is None:
             raise ValueError("cps needs a second network")
@@ -382,9 +406,11 @@ class SemiMode(SupervisedMode):
         if self.net_b is not None:
             self.net_b.train()
 
-    def draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def draw(self) -> tuple[torch.Tensor, ...]:
         """Labelled patches (augmented with their labels) and unlabelled ones (the same
-        augmentation, drawn independently)."""
+        augmentation, drawn independently; with their pseudo-labels for ``pseudo``)."""
+        if self.method == "pseudo":
+            return self._draw_pseudo()
         x, y = super().draw()
         u = torch.from_numpy(self.unlabeled.sample()).to(self.device, non_blocking=True)
         dummy = torch.zeros((u.shape[0], *u.shape[2:]), dtype=torch.uint8, device=u.device)
@@ -394,45 +420,42 @@ class SemiMode(SupervisedMode):
     def weight(self) -> float:
         return float(self.s["consistency"]) * sigmoid_ramp(self.progress(), float(self.s["ramp_up"]))
 
-    def losses(self, x: torch.Tensor, y: torch.Tensor, u: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, dict[str, float]]:
-        if u is None:  # a labelled batch alone (SupervisedMode's signature)
-            return super().losses(x, y)
+    def losses(self, x: torch.Tensor, y: torch.Tensor, u: torch.Tensor | None = None,
+               yu: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        if u is None:
+            if self.method == "pseudo":  # the labelled-only first part, with the rounds' log columns
+                sup = self.loss_fn(self.train_net(x), y)
+                return sup, {"supervised_loss": float(sup.detach()), "unlabeled_loss": float("nan"),
+                             "unlabeled_weight": 0.0, "pseudo_labelled_share": float("nan")}
+            return super().losses(x, y)  # a labelled batch alone (SupervisedMode's signature)
         w = self.weight()
         if self.method == "cps":
             return self._cps(x, y, u, w)
         if self.method == "bcp":
             return self._bcp(x, y, u, w)
-        if self.method == "pseudo" and not self._pseudo_ready():
-            sup = self.loss_fn(self.train_net(x), y)
-            return sup, {"supervised_loss": float(sup.detach()), "unlabeled_loss": float("nan"),
-                         "unlabeled_weight": 0.0}
         n = x.shape[0]
         out = self.train_net(torch.cat([x, u]))
         heads = list(out) if isinstance(out, (list, tuple)) else [out]
         sup = self.loss_fn([h[:n] for h in heads] if len(heads) > 1 else heads[0][:n], y)
         student_u = [h[n:] for h in heads]
         if self.method == "pseudo":
-            with torch.no_grad():  # a trained, frozen model: its running statistics are right
-                probs = torch.softmax(self.pseudo_net(u).float(), 1)
-            target = pseudo_labels(probs, float(self.s["pseudo_threshold"]))
-            valid = (target != IGNORE).float()
-            unsup = over_heads(student_u if len(student_u) > 1 else student_u[0], target, valid)
+            unsup = over_heads(student_u if len(student_u) > 1 else student_u[0], yu, (yu != IGNORE).float())
+            loss, parts = _total(sup, unsup, w)
+            return loss, {**parts, "pseudo_labelled_share": self.pseudo_share}
+        teacher = self.ema.module
+        if self.method == "uamt":
+            probs, entropy = mc_predict(teacher, u, int(self.s["uncertainty_passes"]),
+                                        float(self.s["noise"]), float(self.s["dropout"]), self.semi_gen,
+                                        self.plan.num_classes)
+            limit = (0.75 + 0.25 * sigmoid_ramp(self.progress(), float(self.s["ramp_up"]))) \
+                * math.log(self.plan.num_classes)
+            mask = entropy < limit
         else:
-            teacher = self.ema.module
-            if self.method == "uamt":
-                probs, entropy = mc_predict(teacher, u, int(self.s["uncertainty_passes"]),
-                                            float(self.s["noise"]), float(self.s["dropout"]), self.semi_gen,
-                                            self.plan.num_classes)
-                limit = (0.75 + 0.25 * sigmoid_ramp(self.progress(), float(self.s["ramp_up"]))) \
-                    * math.log(self.plan.num_classes)
-                mask = entropy < limit
-            else:
-                with torch.no_grad(), batch_statistics(teacher):
-                    tu, flips = perturb(u, self.semi_gen, float(self.s["noise"]))
-                    probs = unflip(torch.softmax(teacher(tu).float(), 1), flips)
-                mask = None
-            unsup = consistency_loss(student_u[0], probs, mask)
+            with torch.no_grad(), batch_statistics(teacher):
+                tu, flips = perturb(u, self.semi_gen, float(self.s["noise"]))
+                probs = unflip(torch.softmax(teacher(tu).float(), 1), flips)
+            mask = None
+        unsup = consistency_loss(student_u[0], probs, mask)
         return _total(sup, unsup, w)
 
     # ---- methods with their own forward passes
@@ -478,15 +501,50 @@ class SemiMode(SupervisedMode):
         unsup = over_heads(out, target, 1.0 - from_label)
         return _total(sup, unsup, w)
 
-    def _pseudo_ready(self) -> bool:
-        """Whether this step is in a pseudo-label round (not the first, labelled-only part);
-        entering a round freezes the current model as the one whose predictions are targets."""
+    def _draw_pseudo(self) -> tuple[torch.Tensor, ...]:
+        """``pseudo``: the plan's whole batch of labelled patches before the first round; then
+        ``n_labelled`` of them plus unlabelled patches with this round's targets."""
+        self._enter_round()
+        if self.pseudo_round == 0:
+            self.sampler.batch_size = self.plan.batch_size
+            return super().draw()
+        self.sampler.batch_size = self.n_labelled
+        x, y = super().draw()
+        u, yu = self.pseudo_sampler.sample()
+        ut = torch.from_numpy(u).to(self.device, non_blocking=True)
+        yt = torch.from_numpy(yu).to(self.device, non_blocking=True)
+        ut, yt = augment_batch(ut, yt, self.plan.training.get("augment"), self.aug_gen)
+        return x, y, ut.contiguous(memory_format=memory_format(self.plan.dim)), yt.long()
+
+    def _enter_round(self) -> None:
+        """Entering a pseudo-label round (the run's share done says which) freezes the current
+        (EMA) model and predicts the round's targets with it; a resumed round predicts them
+        again with its restored frozen model."""
         rounds = int(self.s["pseudo_rounds"])
         now = min(rounds, int(math.floor(self.progress() * (rounds + 1) + 1e-9)))
         if now > self.pseudo_round or (now and self.pseudo_net is None):
             self.pseudo_round = now
             self.pseudo_net = _frozen(self.eval_net)
-        return self.pseudo_round > 0
+            self.pseudo_sampler = None
+        if self.pseudo_round and self.pseudo_sampler is None:
+            self.pseudo_sampler = self._pseudo_sampler()
+
+    def _pseudo_sampler(self) -> PatchSampler:
+        """The unlabelled cases with the frozen model's targets, sampled like labelled cases."""
+        cases = self.unlabeled.cases
+        threshold = float(self.s["pseudo_threshold"])
+        with torch.inference_mode():
+            labels = [predict_pseudo_labels(self.pseudo_net, img, self.plan, self.device, self.precision,
+                                            threshold) for img in cases]
+        total = sum(lab.size for lab in labels)
+        self.pseudo_share = sum(int((lab != IGNORE).sum()) for lab in labels) / max(1, total)
+        # its own generator for the foreground points, so that a resumed round draws what the
+        # uninterrupted one did from the (restored) unlabelled generator
+        sampler = PatchSampler(cases, labels, self.plan.patch_size, self.unlabeled.batch_size,
+                               self.plan.training["fg_oversample"],
+                               np.random.default_rng(self.pseudo_round), ignore=IGNORE)
+        sampler.rng = self.unlabeled.rng
+        return sampler
 
     # ---- checkpoints
 
@@ -512,7 +570,7 @@ class SemiMode(SupervisedMode):
         if self.net_b is not None:
             self.net_b.load_state_dict(ckpt["model_b"])
         self.pseudo_round = int(ckpt.get("pseudo_round", 0))
-        self.pseudo_net = None
+        self.pseudo_net, self.pseudo_sampler = None, None  # the round's targets: predicted again
         if ckpt.get("pseudo_model") is not None:
             self.pseudo_net = _frozen(self.eval_net)
             self.pseudo_net.load_state_dict(ckpt["pseudo_model"])
@@ -520,6 +578,8 @@ class SemiMode(SupervisedMode):
     def reseed(self, seed: int) -> None:
         super().reseed(seed)
         self.unlabeled.rng = np.random.default_rng(seed + 1)
+        if self.pseudo_sampler is not None:
+            self.pseudo_sampler.rng = self.unlabeled.rng
         self.semi_gen.manual_seed(seed + 2)
 
 
@@ -551,7 +611,6 @@ def build_semi_mode(plan, net: nn.Module, train_net: nn.Module, loss_fn: nn.Modu
                     precision: str, seed: int, settings: dict) -> SemiMode:
     """A :class:`SemiMode` for ``plan`` with its samplers, optimiser, teacher or second network."""
     from medunet.training.optim import ModelEMA, build_optimizer
-    from medunet.training.sampler import PatchSampler
 
     t = plan.training
     method = settings["method"]

@@ -31,15 +31,18 @@ from medunet.training.semi import (
     batch_statistics,
     box_mask,
     build_semi_mode,
+    class_thresholds,
     consistency_loss,
     copy_paste,
     masked_dice_ce,
     mc_predict,
     perturb,
+    predict_confidence,
     predict_pseudo_labels,
     pseudo_labels,
     semi_settings,
     sigmoid_ramp,
+    threshold_maps,
     unflip,
 )
 
@@ -263,6 +266,40 @@ def test_cps_trains_two_differently_initialised_networks(plan):
     assert mode.checkpoint()["model_b"] is not None
 
 
+def test_class_balanced_thresholds_keep_each_class_share():
+    """Class 1's confidences 0.6, 0.7, 0.8, 0.95 (median 0.75): with share 0.5 its threshold falls
+    from 0.9 to just below 0.75 and keeps its two most confident voxels; background, confident
+    everywhere, keeps 0.9. Share 0 is the plain threshold, share 1 keeps every voxel."""
+    conf = [np.array([0.99, 0.97, 0.6, 0.7], np.float32), np.array([[0.8, 0.95], [0.92, 0.98]], np.float32)]
+    lab = [np.array([0, 0, 1, 1], np.uint8), np.array([[1, 1], [0, 0]], np.uint8)]
+    t = class_thresholds(conf, lab, 2, 0.9, 0.5)
+    assert t[0] == 0.9 and 0.7499 < t[1] < 0.75
+    maps = [threshold_maps(c, m, t) for c, m in zip(conf, lab, strict=True)]
+    assert maps[0].tolist() == [0, 0, IGNORE, IGNORE] and maps[1].tolist() == [[1, 1], [0, 0]]
+    assert class_thresholds(conf, lab, 3, 0.9, 0.0) == [0.9, 0.9, 0.9]  # class 2, never predicted: 0.9
+    every = class_thresholds(conf, lab, 2, 0.9, 1.0)
+    assert all((threshold_maps(c, m, every) != IGNORE).all() for c, m in zip(conf, lab, strict=True))
+    # the same per-class thresholds on probabilities
+    probs = torch.tensor([[0.99, 0.01], [0.3, 0.7], [0.2, 0.8], [0.91, 0.09]]).T.reshape(1, 2, 4, 1)
+    assert pseudo_labels(probs, [0.9, 0.75]).flatten().tolist() == [0, IGNORE, 1, 0]
+
+
+def test_the_pseudo_ramp_starts_with_the_first_round(plan):
+    """The labelled-only first third has no targets: the unlabelled weight ramps over ``ramp_up``
+    of the rounds' two thirds, from exp(-5) at their start; mean teacher's over the whole run."""
+    mode = _mode(plan, "pseudo", pseudo_rounds=2, ramp_up=0.4, consistency=2.0)
+    progress = [1 / 3]
+    mode.progress = lambda: progress[0]
+    assert mode.weight() == pytest.approx(2.0 * math.exp(-5))
+    progress[0] = 1 / 3 + 0.2 * 2 / 3
+    assert mode.weight() == pytest.approx(2.0 * math.exp(-1.25))
+    progress[0] = 1 / 3 + 0.4 * 2 / 3 + 1e-9
+    assert mode.weight() == pytest.approx(2.0)
+    teacher = _mode(plan, "mean-teacher", ramp_up=0.4)
+    teacher.progress = lambda: 0.2
+    assert teacher.weight() == pytest.approx(math.exp(-1.25))
+
+
 def test_pseudo_labels_of_a_whole_case(plan):
     """A per-pixel network (logits 0 and 4x for background and foreground) predicts a case larger
     than the patch: every window sees the same probability at a pixel, so the whole-case map is
@@ -276,7 +313,7 @@ def test_pseudo_labels_of_a_whole_case(plan):
     got = predict_pseudo_labels(net, x, plan, torch.device("cpu"), "fp32", 0.9)
     p_fg = 1 / (1 + np.exp(-4.0 * x[0]))
     want = np.where(p_fg > 0.9, 1, np.where(p_fg < 0.1, 0, IGNORE))
-    far = np.abs(np.maximum(p_fg, 1 - p_fg) - 0.9) > 1e-4  # away from the threshold's float ties
+    far = np.abs(np.maximum(p_fg, 1 - p_fg) - 0.9) > 1e-3  # away from float16 ties at the threshold
     assert got.dtype == np.uint8 and got.shape == (70, 50)
     np.testing.assert_array_equal(got[far], want[far])
     assert {0, 1, IGNORE} <= set(np.unique(got).tolist())
@@ -308,12 +345,33 @@ def test_pseudo_rounds_predict_targets_with_the_model_frozen_at_each_round(plan)
     share = sum(int((lab != IGNORE).sum()) for lab in labels) / sum(lab.size for lab in labels)
     parts = mode.step(batch, 1e-2)
     assert parts["pseudo_labelled_share"] == pytest.approx(share) and parts["unlabeled_weight"] > 0
+    assert parts["pseudo_lowest_threshold"] == 0.6  # pseudo_class_share 0: one threshold
     assert np.isfinite(parts["unlabeled_loss"])
     mode.step(mode.draw(), 1e-2)
     assert mode.pseudo_net is first  # frozen for the whole round
     progress[0] = 0.7
     mode.step(mode.draw(), 1e-2)
     assert mode.pseudo_round == 2 and mode.pseudo_net is not first
+
+
+def test_a_class_balanced_round_thresholds_every_case_with_the_thresholds_of_all(plan):
+    mode = _mode(plan, "pseudo", pseudo_rounds=1, pseudo_threshold=0.99, pseudo_class_share=0.5)
+    mode.progress = lambda: 0.6
+    mode.train()
+    mode.step(mode.draw(), 1e-2)
+    preds = [predict_confidence(mode.pseudo_net, img, plan, torch.device("cpu"), "fp32")
+             for img in mode.unlabeled.cases]
+    want = class_thresholds([c for c, _ in preds], [m for _, m in preds], plan.num_classes, 0.99, 0.5)
+    assert mode.pseudo_thresholds == want and min(want) < 0.99
+    for (c, m), lab in zip(preds, mode.pseudo_sampler.labels, strict=True):
+        inner = tuple(slice((p - n) // 2 if p > n else 0, ((p - n) // 2 if p > n else 0) + n)
+                      for n, p in zip(m.shape, plan.patch_size, strict=True))
+        np.testing.assert_array_equal(lab[inner], threshold_maps(c, m, want))
+    # each predicted class keeps at least half of its voxels
+    lab_all = np.concatenate([m.ravel() for _, m in preds])
+    kept = np.concatenate([threshold_maps(c, m, want).ravel() for c, m in preds])
+    for k in np.unique(lab_all):
+        assert (kept[lab_all == k] == k).mean() >= 0.5 - 1e-6
 
 
 def test_patches_are_never_centred_on_the_ignored_value():

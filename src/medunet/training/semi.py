@@ -26,9 +26,13 @@ Methods (``training.semi.method``):
   parts; the first trains on labels only, with the plan's whole batch. At the start of each
   later round the current (EMA) model is frozen and predicts every unlabelled case whole
   (sliding window, as validation does); voxels whose largest probability is above
-  ``pseudo_threshold`` get its class as target, the others are ignored. Unlabelled patches
+  ``pseudo_threshold`` get its class as target, the others are ignored. With
+  ``pseudo_class_share`` > 0 the threshold is class-balanced (Zou et al. 2018, CBST): each class
+  also keeps that share of the voxels predicted as it, its most confident ones, so a threshold
+  that only background clears cannot erase the borders of the foreground. Unlabelled patches
   are then drawn with these targets as labelled ones are (foreground oversampling, one
-  augmentation for image and target). One prediction pass per round replaces a teacher
+  augmentation for image and target). The unlabelled weight ramps from the first round's start
+  (the labelled-only part has no targets to weigh). One prediction pass per round replaces a teacher
   forward per step, so a step costs what a supervised one does, and whole-case predictions
   have none of the errors a network makes at the borders of a lone patch.
 
@@ -79,6 +83,8 @@ SEMI_DEFAULTS: dict = {
     "uncertainty_passes": 4,  # UA-MT Monte-Carlo passes (the paper: 8; a CPU budget halves it)
     "dropout": 0.5,  # UA-MT Monte-Carlo dropout before the segmentation head
     "pseudo_threshold": 0.9,  # pseudo: a voxel becomes a target above this probability
+    # pseudo: each class also keeps this share of its predicted voxels (its most confident; 0: off)
+    "pseudo_class_share": 0.0,
     "pseudo_rounds": 2,  # pseudo: rounds after the labelled-only first part
     "bcp_box": 2 / 3,  # BCP: edge of the pasted box as a share of the patch edge
 }
@@ -127,6 +133,7 @@ def semi_settings(given: dict | None, method: str | None = None,
     number("noise", 0, 10)
     number("dropout", 0, 1, hi_open=True)
     number("pseudo_threshold", 0, 1, hi_open=True)
+    number("pseudo_class_share", 0, 1)
     number("bcp_box", 0, 1, lo_open=True, hi_open=True)
     for key, lo in (("uncertainty_passes", 1), ("pseudo_rounds", 1)):
         if isinstance(s[key], bool) or not isinstance(s[key], int) or s[key] < lo:
@@ -168,23 +175,65 @@ def consistency_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
     return (sq * m).sum() / m.sum().clamp_min(1.0)
 
 
-def pseudo_labels(probs: torch.Tensor, threshold: float) -> torch.Tensor:
+def pseudo_labels(probs: torch.Tensor, threshold: float | Sequence[float]) -> torch.Tensor:
     """``(B, K, *S)`` probabilities -> ``(B, *S)`` targets: the argmax where the largest
-    probability is above ``threshold``, :data:`IGNORE` elsewhere."""
+    probability is above ``threshold`` (one for all classes, or one per class), :data:`IGNORE`
+    elsewhere."""
     conf, label = probs.max(1)
-    return torch.where(conf > threshold, label, torch.full_like(label, IGNORE))
+    limit = (torch.as_tensor(threshold, dtype=conf.dtype, device=conf.device)[label]
+             if isinstance(threshold, Sequence) else threshold)
+    return torch.where(conf > limit, label, torch.full_like(label, IGNORE))
 
 
-def predict_pseudo_labels(net: nn.Module, image: np.ndarray, plan, device: torch.device, precision: str,
-                          threshold: float) -> np.ndarray:
-    """One preprocessed case ``(C, *S)`` -> its ``(*S)`` uint8 pseudo-label map: the network's
-    whole-case prediction (sliding window at the plan's patch, as validation scores a case),
-    :func:`pseudo_labels` of it."""
+def class_thresholds(confidence: Sequence[np.ndarray], label: Sequence[np.ndarray], num_classes: int,
+                     threshold: float, share: float, samples: int = 2_000_000) -> list[float]:
+    """Class-balanced thresholds (CBST): class ``c``'s is ``threshold``, lowered where needed so
+    that the ``share`` most confident of the voxels predicted as ``c`` (over all ``confidence`` /
+    ``label`` maps) clear it. Quantiles come from at most ``samples`` evenly spaced voxels per
+    class. ``share`` 0 gives ``threshold`` for every class."""
+    out = [float(threshold)] * num_classes
+    if share <= 0:
+        return out
+    conf = np.concatenate([np.ravel(c) for c in confidence])
+    lab = np.concatenate([np.ravel(m) for m in label])
+    for c in range(num_classes):
+        values = conf[lab == c]
+        if values.size == 0:
+            continue
+        values = values[:: max(1, values.size // samples)].astype(np.float64)
+        # the (1 - share) quantile, nudged below so that the voxels at it pass ``conf > limit``
+        cut = float(np.quantile(values, 1.0 - share)) if share < 1 else float(values.min())
+        out[c] = min(out[c], float(np.nextafter(np.float32(cut), np.float32(-1))))
+    return out
+
+
+def predict_confidence(net: nn.Module, image: np.ndarray, plan, device: torch.device,
+                       precision: str) -> tuple[np.ndarray, np.ndarray]:
+    """One preprocessed case ``(C, *S)`` -> the largest probability and its class (uint8) per
+    voxel, from the network's whole-case prediction (sliding window at the plan's patch, as
+    validation scores a case). float16 probabilities (steps of 5e-4 near 1) halve what a round
+    holds for all unlabelled cases until the class thresholds are known."""
     probs = sliding_window_inference(
         net.eval(), torch.from_numpy(np.array(image, dtype=np.float32)), plan.patch_size, plan.num_classes,
         overlap=plan.inference.get("overlap", 0.5), batch_size=plan.batch_size, precision=precision,
         device=device)
-    return pseudo_labels(probs[None], threshold)[0].numpy().astype(np.uint8)
+    conf, label = probs.max(0)
+    return conf.to(torch.float16).numpy(), label.numpy().astype(np.uint8)
+
+
+def threshold_maps(confidence: np.ndarray, label: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
+    """A case's pseudo-label map from :func:`predict_confidence`'s output: its class where the
+    confidence is above that class's threshold, :data:`IGNORE` elsewhere."""
+    limit = np.asarray(thresholds, dtype=np.float32)[label]
+    return np.where(confidence > limit, label, IGNORE).astype(np.uint8)
+
+
+def predict_pseudo_labels(net: nn.Module, image: np.ndarray, plan, device: torch.device, precision: str,
+                          threshold: float) -> np.ndarray:
+    """One preprocessed case ``(C, *S)`` -> its ``(*S)`` uint8 pseudo-label map with one
+    threshold for every class."""
+    conf, label = predict_confidence(net, image, plan, device, precision)
+    return threshold_maps(conf, label, [threshold] * plan.num_classes)
 
 
 def masked_dice_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -395,6 +444,7 @@ class SemiMode(SupervisedMode):
         self.pseudo_round = 0
         self.pseudo_sampler: PatchSampler | None = None  # unlabelled cases with this round's targets
         self.pseudo_share = float("nan")  # share of the unlabelled voxels that are targets this round
+        self.pseudo_thresholds: list[float] = []  # this round's threshold per class
         self.n_labelled = self.sampler.batch_size  # labelled patches per step once unlabelled ones join
         self.name = f"semi {self.method}"
         if self.method == "cps" and net_b is None:
@@ -419,7 +469,15 @@ class SemiMode(SupervisedMode):
         return x, y, u.contiguous(memory_format=memory_format(self.plan.dim))
 
     def weight(self) -> float:
-        return float(self.s["consistency"]) * sigmoid_ramp(self.progress(), float(self.s["ramp_up"]))
+        return float(self.s["consistency"]) * sigmoid_ramp(self.ramp_progress(), float(self.s["ramp_up"]))
+
+    def ramp_progress(self) -> float:
+        """The share of the run the ramp counts: all of it, or for ``pseudo`` the rounds' share
+        (0 when the first round starts, 1 at the end), as the first part has no targets."""
+        if self.method != "pseudo":
+            return self.progress()
+        start = 1.0 / (int(self.s["pseudo_rounds"]) + 1)
+        return max(0.0, (self.progress() - start) / (1.0 - start))
 
     def losses(self, x: torch.Tensor, y: torch.Tensor, u: torch.Tensor | None = None,
                yu: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -427,7 +485,8 @@ class SemiMode(SupervisedMode):
             if self.method == "pseudo":  # the labelled-only first part, with the rounds' log columns
                 sup = self.loss_fn(self.train_net(x), y)
                 return sup, {"supervised_loss": float(sup.detach()), "unlabeled_loss": float("nan"),
-                             "unlabeled_weight": 0.0, "pseudo_labelled_share": float("nan")}
+                             "unlabeled_weight": 0.0, "pseudo_labelled_share": float("nan"),
+                             "pseudo_lowest_threshold": float("nan")}
             return super().losses(x, y)  # a labelled batch alone (SupervisedMode's signature)
         w = self.weight()
         if self.method == "cps":
@@ -442,7 +501,8 @@ class SemiMode(SupervisedMode):
         if self.method == "pseudo":
             unsup = over_heads(student_u if len(student_u) > 1 else student_u[0], yu, (yu != IGNORE).float())
             loss, parts = _total(sup, unsup, w)
-            return loss, {**parts, "pseudo_labelled_share": self.pseudo_share}
+            return loss, {**parts, "pseudo_labelled_share": self.pseudo_share,
+                                "pseudo_lowest_threshold": min(self.pseudo_thresholds)}
         teacher = self.ema.module
         if self.method == "uamt":
             probs, entropy = mc_predict(teacher, u, int(self.s["uncertainty_passes"]),
@@ -533,10 +593,14 @@ class SemiMode(SupervisedMode):
     def _pseudo_sampler(self) -> PatchSampler:
         """The unlabelled cases with the frozen model's targets, sampled like labelled cases."""
         cases = self.unlabeled.cases
-        threshold = float(self.s["pseudo_threshold"])
         with torch.inference_mode():
-            labels = [predict_pseudo_labels(self.pseudo_net, img, self.plan, self.device, self.precision,
-                                            threshold) for img in cases]
+            preds = [predict_confidence(self.pseudo_net, img, self.plan, self.device, self.precision)
+                     for img in cases]
+        self.pseudo_thresholds = class_thresholds([c for c, _ in preds], [m for _, m in preds],
+                                                  self.plan.num_classes, float(self.s["pseudo_threshold"]),
+                                                  float(self.s["pseudo_class_share"]))
+        labels = [threshold_maps(c, m, self.pseudo_thresholds) for c, m in preds]
+        del preds
         total = sum(lab.size for lab in labels)
         self.pseudo_share = sum(int((lab != IGNORE).sum()) for lab in labels) / max(1, total)
         # its own generator for the foreground points, so that a resumed round draws what the
@@ -642,13 +706,17 @@ def semi_reason(settings: dict, n_unlabeled: int, source: str) -> str:
     s = settings
     text = (f"semi-supervised ({s['method']}) with {n_unlabeled} unlabelled case(s) from {source}; "
             f"unlabelled:labelled patches {s['unlabeled_ratio']:g}:1 per batch, unlabelled weight "
-            f"{s['consistency']:g} ramped (sigmoid) over the first {100 * s['ramp_up']:g}% of the run")
+            f"{s['consistency']:g} ramped (sigmoid) over the first {100 * s['ramp_up']:g}% of the "
+            f"{'pseudo-label rounds' if s['method'] == 'pseudo' else 'run'}")
     if s["method"] in ("mean-teacher", "uamt", "bcp"):
         text += f"; teacher = EMA {s['ema_decay']:g} of the student, validated and saved"
     if s["method"] == "pseudo":
         text += f"; {s['pseudo_rounds']} pseudo-label round(s), threshold {s['pseudo_threshold']:g}"
+        if s["pseudo_class_share"] > 0:
+            text += (f", lowered per class to keep its {100 * s['pseudo_class_share']:g}% most confident "
+                     "voxels (class-balanced)")
     if s["method"] == DEFAULT_METHOD:
-        text += " (default method, to be confirmed by bench/semisup.py)"
+        text += " (the default method: bench/semisup.py's best semi-supervised run at 8 labels)"
     return text
 
 

@@ -38,8 +38,6 @@ from medunet.training.semi import (
     mc_predict,
     perturb,
     predict_confidence,
-    predict_pseudo_labels,
-    pseudo_labels,
     semi_settings,
     sigmoid_ramp,
     threshold_maps,
@@ -138,10 +136,28 @@ def test_consistency_loss_zero_for_identical_and_pulls_towards_the_teacher():
     assert t.grad is None
 
 
+def _maps(probs: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
+    """:func:`threshold_maps` of ``(K, *S)`` probabilities, as a round makes them."""
+    conf, label = probs.max(0)
+    return torch.from_numpy(threshold_maps(conf.numpy(), label.numpy().astype(np.uint8), thresholds)).long()
+
+
+def _pseudo(net: torch.nn.Module, image: np.ndarray, plan: Plan, threshold: float) -> np.ndarray:
+    """The pseudo-label map of a whole case with one threshold for every class."""
+    conf, label = predict_confidence(net, image, plan, torch.device("cpu"), "fp32")
+    return threshold_maps(conf, label, [threshold] * plan.num_classes)
+
+
+def _inner(shape: tuple[int, ...], patch: list[int]) -> tuple[slice, ...]:
+    """Where a case of ``shape`` lies inside its pseudo-label map (padded up to the patch)."""
+    pad = [(p - n) // 2 if p > n else 0 for n, p in zip(shape, patch, strict=True)]
+    return tuple(slice(a, a + n) for a, n in zip(pad, shape, strict=True))
+
+
 def test_only_voxels_above_the_threshold_become_pseudo_labels():
     probs = torch.tensor([[0.95, 0.05], [0.5, 0.5], [0.1, 0.9], [0.02, 0.98], [0.89, 0.11]])
-    probs = probs.T.reshape(1, 2, 5, 1)  # (B, K, H, W)
-    labels = pseudo_labels(probs, 0.9)
+    probs = probs.T.reshape(2, 1, 5, 1)  # (K, B, H, W): a batch of one, like its labels (B, H, W)
+    labels = _maps(probs, [0.9, 0.9])
     assert labels.flatten().tolist() == [0, IGNORE, IGNORE, 1, IGNORE]  # 0.9 itself is not above
     # ignored voxels carry no loss: flipping the student there changes nothing
     logits = torch.randn(1, 2, 5, 1)
@@ -280,8 +296,8 @@ def test_class_balanced_thresholds_keep_each_class_share():
     every = class_thresholds(conf, lab, 2, 0.9, 1.0)
     assert all((threshold_maps(c, m, every) != IGNORE).all() for c, m in zip(conf, lab, strict=True))
     # the same per-class thresholds on probabilities
-    probs = torch.tensor([[0.99, 0.01], [0.3, 0.7], [0.2, 0.8], [0.91, 0.09]]).T.reshape(1, 2, 4, 1)
-    assert pseudo_labels(probs, [0.9, 0.75]).flatten().tolist() == [0, IGNORE, 1, 0]
+    probs = torch.tensor([[0.99, 0.01], [0.3, 0.7], [0.2, 0.8], [0.91, 0.09]]).T.reshape(2, 4, 1)
+    assert _maps(probs, [0.9, 0.75]).flatten().tolist() == [0, IGNORE, 1, 0]
 
 
 def test_the_pseudo_ramp_starts_with_the_first_round(plan):
@@ -310,7 +326,7 @@ def test_pseudo_labels_of_a_whole_case(plan):
         net.bias.zero_()
     x = np.linspace(-1.5, 1.5, 70 * 50, dtype=np.float32).reshape(1, 70, 50)
     assert all(n > p for n, p in zip(x.shape[1:], plan.patch_size, strict=True))
-    got = predict_pseudo_labels(net, x, plan, torch.device("cpu"), "fp32", 0.9)
+    got = _pseudo(net, x, plan, 0.9)
     p_fg = 1 / (1 + np.exp(-4.0 * x[0]))
     want = np.where(p_fg > 0.9, 1, np.where(p_fg < 0.1, 0, IGNORE))
     far = np.abs(np.maximum(p_fg, 1 - p_fg) - 0.9) > 1e-3  # away from float16 ties at the threshold
@@ -337,10 +353,8 @@ def test_pseudo_rounds_predict_targets_with_the_model_frozen_at_each_round(plan)
     assert x.shape[0] == n_l and u.shape[0] == n_u and yu.shape == (n_u, *plan.patch_size)
     # the targets: the frozen model's whole-case predictions of the unlabelled cases
     for img, lab in zip(mode.unlabeled.cases, mode.pseudo_sampler.labels, strict=True):
-        want = predict_pseudo_labels(first, img, plan, torch.device("cpu"), "fp32", 0.6)
-        pad = [(p - n) // 2 if p > n else 0 for n, p in zip(img.shape[1:], plan.patch_size, strict=True)]
-        inner = tuple(slice(a, a + n) for a, n in zip(pad, want.shape, strict=True))
-        np.testing.assert_array_equal(lab[inner], want)
+        want = _pseudo(first, img, plan, 0.6)
+        np.testing.assert_array_equal(lab[_inner(want.shape, plan.patch_size)], want)
     labels = mode.pseudo_sampler.labels
     share = sum(int((lab != IGNORE).sum()) for lab in labels) / sum(lab.size for lab in labels)
     parts = mode.step(batch, 1e-2)
@@ -364,9 +378,7 @@ def test_a_class_balanced_round_thresholds_every_case_with_the_thresholds_of_all
     want = class_thresholds([c for c, _ in preds], [m for _, m in preds], plan.num_classes, 0.99, 0.5)
     assert mode.pseudo_thresholds == want and min(want) < 0.99
     for (c, m), lab in zip(preds, mode.pseudo_sampler.labels, strict=True):
-        inner = tuple(slice((p - n) // 2 if p > n else 0, ((p - n) // 2 if p > n else 0) + n)
-                      for n, p in zip(m.shape, plan.patch_size, strict=True))
-        np.testing.assert_array_equal(lab[inner], threshold_maps(c, m, want))
+        np.testing.assert_array_equal(lab[_inner(m.shape, plan.patch_size)], threshold_maps(c, m, want))
     # each predicted class keeps at least half of its voxels
     lab_all = np.concatenate([m.ravel() for _, m in preds])
     kept = np.concatenate([threshold_maps(c, m, want).ravel() for c, m in preds])

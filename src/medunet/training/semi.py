@@ -175,16 +175,6 @@ def consistency_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
     return (sq * m).sum() / m.sum().clamp_min(1.0)
 
 
-def pseudo_labels(probs: torch.Tensor, threshold: float | Sequence[float]) -> torch.Tensor:
-    """``(B, K, *S)`` probabilities -> ``(B, *S)`` targets: the argmax where the largest
-    probability is above ``threshold`` (one for all classes, or one per class), :data:`IGNORE`
-    elsewhere."""
-    conf, label = probs.max(1)
-    limit = (torch.as_tensor(threshold, dtype=conf.dtype, device=conf.device)[label]
-             if isinstance(threshold, Sequence) else threshold)
-    return torch.where(conf > limit, label, torch.full_like(label, IGNORE))
-
-
 def class_thresholds(confidence: Sequence[np.ndarray], label: Sequence[np.ndarray], num_classes: int,
                      threshold: float, share: float, samples: int = 2_000_000) -> list[float]:
     """Class-balanced thresholds (CBST): class ``c``'s is ``threshold``, lowered where needed so
@@ -226,14 +216,6 @@ def threshold_maps(confidence: np.ndarray, label: np.ndarray, thresholds: Sequen
     confidence is above that class's threshold, :data:`IGNORE` elsewhere."""
     limit = np.asarray(thresholds, dtype=np.float32)[label]
     return np.where(confidence > limit, label, IGNORE).astype(np.uint8)
-
-
-def predict_pseudo_labels(net: nn.Module, image: np.ndarray, plan, device: torch.device, precision: str,
-                          threshold: float) -> np.ndarray:
-    """One preprocessed case ``(C, *S)`` -> its ``(*S)`` uint8 pseudo-label map with one
-    threshold for every class."""
-    conf, label = predict_confidence(net, image, plan, device, precision)
-    return threshold_maps(conf, label, [threshold] * plan.num_classes)
 
 
 def masked_dice_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ post-processing chosen at the end of training."""
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -110,6 +111,67 @@ def test_onnx_backend_predict_writes_the_same_labels_as_torch(trained, tmp_path)
     assert r.exit_code == 0, r.output
     q = read_image(tmp_path / "q" / "synth_ts000.png")[0]
     assert (q == outs["torch"]).mean() > 0.9
+
+
+def test_openvino_backend_predicts_the_labels_of_torch(trained, tmp_path):
+    """``--backend openvino`` exports first, then matches PyTorch: fp32 to a few pixels (float
+    summation order), bf16 to most pixels; int8 runs the QDQ export."""
+    pytest.importorskip("openvino")
+    data, model = trained
+    outs = {}
+    for backend, precision in (("torch", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")):
+        out = tmp_path / f"{backend}_{precision}"
+        r = runner.invoke(app, ["predict", str(model), str(data / "imagesTs"), "-o", str(out), "--backend",
+                                backend, "--precision", precision, "--tta", "flip", "--quiet"])
+        assert r.exit_code == 0, r.output
+        outs[backend, precision] = read_image(out / "synth_ts000.png")[0]
+    assert (outs["torch", "fp32"] != outs["openvino", "fp32"]).sum() <= 3
+    assert (outs["torch", "fp32"] == outs["openvino", "bf16"]).mean() > 0.98
+    r = runner.invoke(app, ["predict", str(model), str(data / "imagesTs"), "-o", str(tmp_path / "q"),
+                            "--backend", "openvino", "--int8", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert (read_image(tmp_path / "q" / "synth_ts000.png")[0] == outs["torch", "fp32"]).mean() > 0.9
+
+
+def test_openvino_backend_logits_shapes_threads_and_errors(tmp_path, monkeypatch):
+    """Logits equal ONNX Runtime's on the same export; one compiled graph per input shape, the
+    oldest dropped beyond MAX_SHAPES; worker threads get their own requests; bad precision, an
+    unreadable file and a missing package are one-line errors."""
+    pytest.importorskip("openvino")
+    import threading
+
+    from medunet.inference import OpenVinoBackend
+
+    path = export_model(_random_model_dir(tmp_path, 3), "onnx").path
+    ov_backend, ort_backend = OpenVinoBackend(path, "fp32"), OnnxBackend(path)
+    x = torch.randn(2, 1, 16, 16, 8, generator=torch.Generator().manual_seed(0))
+    got, want = ov_backend(x), ort_backend(x)
+    assert got.dtype == torch.float32 and got.shape == (2, 2, 16, 16, 8)
+    assert float((got - want).abs().max()) < 1e-4
+    assert float((ov_backend(x[:1]) - want[:1]).abs().max()) < 1e-4  # a second shape, compiled once
+    assert list(ov_backend._compiled) == [(2, 1, 16, 16, 8), (1, 1, 16, 16, 8)]
+    monkeypatch.setattr(OpenVinoBackend, "MAX_SHAPES", 2)
+    ov_backend(x[:, :, :8])
+    assert list(ov_backend._compiled) == [(1, 1, 16, 16, 8), (2, 1, 8, 16, 8)]
+    assert float((ov_backend(x) - want).abs().max()) < 1e-4  # recompiled after being dropped
+    results: list = []
+    threads = [threading.Thread(target=lambda: results.append(ov_backend(x))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 2 and all(float((r - want).abs().max()) < 1e-4 for r in results)
+    assert OpenVinoBackend(path, "bf16").precision in ("bf16", "fp32")  # fp32 where the CPU has no bf16
+    with pytest.raises(InputError, match="fp32 or bf16, not fp16"):
+        OpenVinoBackend(path, "fp16")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(InputError, match="OpenVINO cannot read") as err:
+        OpenVinoBackend(bad)
+    assert "bad.onnx" in str(err.value) and "\n" not in str(err.value)
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed
+    with pytest.raises(InputError, match="OpenVINO is not installed"):
+        OpenVinoBackend(path)
 
 
 def test_cli_export_and_errors(trained, tmp_path):

@@ -9,6 +9,7 @@ pass over that state dict as the reference.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pickle
 import subprocess
@@ -456,6 +457,10 @@ def test_an_imported_model_exports_serves_and_distils_like_a_trained_one(tmp_pat
     a, _ = onnx_pred.predict_array(image, tta="none", spacing=[1.0, 1.0, 1.5], probabilities=False)
     b, _ = torch_pred.predict_array(image, tta="none", spacing=[1.0, 1.0, 1.5], probabilities=False)
     assert (a == b).mean() > 0.999
+    if importlib.util.find_spec("openvino") is not None:  # the fastest CPU backend, same export
+        c, _ = Predictor.load(model, backend="openvino", precision="fp32").predict_array(
+            image, tta="none", spacing=[1.0, 1.0, 1.5], probabilities=False)
+        assert (c == b).mean() > 0.999
     client = TestClient(create_app(torch_pred))
     assert client.get("/api/model").status_code == 200
     student = distill(model, tmp_path / "student", data, width=0.5, init="random", epochs=1, progress=False,

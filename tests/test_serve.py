@@ -555,9 +555,10 @@ def test_cli_serve_calls_run(monkeypatch, tmp_path):
     seen: dict = {}
     monkeypatch.setattr(medunet.serve, "run", lambda model, **kw: seen.update(model=model, **kw))
     r = CliRunner().invoke(app, ["serve", str(tmp_path), "--port", "8123", "--workers", "2",
-                                 "--max-upload-mb", "64", "--queue-size", "3"])
+                                 "--max-upload-mb", "64", "--queue-size", "3", "--backend", "openvino"])
     assert r.exit_code == 0, r.output
     assert seen["model"] == tmp_path and seen["port"] == 8123 and seen["workers"] == 2
+    assert seen["backend"] == "openvino"
     assert seen["max_upload_mb"] == 64 and seen["queue_size"] == 3 and seen["host"] == "127.0.0.1"
 
 

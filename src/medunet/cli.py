@@ -256,9 +256,10 @@ def predict(
     postprocess: str = typer.Option("auto", help="auto (the choice made on the validation cases), none, "
                                     "or steps: largest_component, fill_holes, remove_small=N, each "
                                     "optionally LABEL:step, comma-separated"),
-    backend: str = typer.Option("torch", help="torch or onnx (ONNX Runtime; exports the model first "
-                                "when MODEL/export/ has no up-to-date export)"),
-    int8: bool = typer.Option(False, help="with --backend onnx: the int8 (static QDQ) model"),
+    backend: str = typer.Option("torch", help="torch, onnx (ONNX Runtime) or openvino (OpenVINO, the "
+                                "fastest on CPUs; pip install 'medunet[openvino]'); the last two export "
+                                "the model first when MODEL/export/ has no up-to-date export"),
+    int8: bool = typer.Option(False, help="with --backend onnx or openvino: the int8 (static QDQ) model"),
     calibration: Path | None = typer.Option(None, help="with --int8 and no int8 export yet: images to "
                                             "calibrate on (default: the model's validation inputs)"),
     overlay: bool = typer.Option(False, help="also draw OUTPUT/overlays/{case}.png (contours on the image)"),
@@ -268,7 +269,7 @@ def predict(
                                         help="replace NaN/inf voxels with the channel's lowest finite value "
                                         "(default: refuse such images)"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N (torch backend)"),
-    precision: str = typer.Option("auto", help="auto, fp32, bf16, fp16 (torch backend)"),
+    precision: str = typer.Option("auto", help="auto, fp32, bf16, fp16 (torch); auto, fp32, bf16 (openvino)"),
     workers: int | None = typer.Option(None, help="processes predicting side by side (default: one per "
                                        "visible GPU on CUDA, else 1); on a CPU they share the cores"),
     overwrite: bool = typer.Option(False, help="redo cases a previous run into OUTPUT already finished "
@@ -289,7 +290,7 @@ def predict(
         models = [import_nnunet(m, Path(scratch.name) / f"m{i}") if is_nnunet_folder(m) else m
                   for i, m in enumerate(models)]
     try:
-        if backend == "onnx":  # export first where there is no up-to-date export
+        if backend in ("onnx", "openvino"):  # export first where there is no up-to-date export
             from medunet.export import ensure_onnx_all
 
             ensure_onnx_all(models, checkpoint, int8, calibration)
@@ -474,6 +475,7 @@ def serve(
     queue_size: int = typer.Option(8, help="requests that may wait for a worker (503 beyond them)"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
     precision: str = typer.Option("auto", help="auto, fp32, bf16, fp16"),
+    backend: str = typer.Option("torch", help="torch, onnx or openvino (as in 'medunet predict')"),
     upload_timeout: float = typer.Option(120, help="seconds a client may take to send an upload (408 after)"),
     job_timeout: float = typer.Option(600, help="seconds from a received upload to the answer (504 after)"),
     tmp_dir: Path | None = typer.Option(None, help="folder for the uploads being processed (default: the "
@@ -497,7 +499,8 @@ def serve(
     out.print(f"serving {model} on {page} (API docs at /docs); Ctrl+C stops")
     run(model, host=host, port=port, workers=workers, max_upload_mb=max_upload_mb,
         queue_size=queue_size, device=device, precision=precision, tmp_dir=tmp_dir,
-        upload_timeout=upload_timeout, job_timeout=job_timeout, token=token, max_voxels=max_voxels)
+        upload_timeout=upload_timeout, job_timeout=job_timeout, token=token, max_voxels=max_voxels,
+        backend=backend)
 
 
 @app.command("import-nnunet")

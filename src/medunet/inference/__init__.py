@@ -1,6 +1,6 @@
 """Inference: sliding window, test-time augmentation, ensembles, post-processing, backends."""
 
-from medunet.inference.backends import OnnxBackend, TorchBackend
+from medunet.inference.backends import OnnxBackend, OpenVinoBackend, TorchBackend
 from medunet.inference.network import sliding_window_inference
 from medunet.inference.postprocess import apply_postprocessing, choose_postprocessing
 from medunet.inference.predictor import (
@@ -16,6 +16,7 @@ from medunet.inference.sliding_window import gaussian_weights, sliding_window
 __all__ = [
     "TTA_MODES",
     "OnnxBackend",
+    "OpenVinoBackend",
     "Predictor",
     "TorchBackend",
     "apply_postprocessing",

@@ -23,7 +23,7 @@ import torch
 
 from medunet.errors import InputError
 from medunet.files import atomic_file
-from medunet.inference.backends import Backend, OnnxBackend, TorchBackend, channels_last_pays
+from medunet.inference.backends import Backend, OnnxBackend, OpenVinoBackend, TorchBackend, channels_last_pays
 from medunet.inference.normalization import WindowNormalizer
 from medunet.inference.postprocess import apply_postprocessing, parse_postprocessing
 from medunet.inference.sliding_window import indices_to_labels, sliding_window
@@ -50,7 +50,7 @@ __all__ = [
     "CascadePredictor", "fill_nonfinite", "find_dicom_cases", "find_inputs", "is_cascade", "load_network",
     "prior_channels",
 ]
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("torch", "onnx", "openvino")
 # lists, in an output folder, the files medunet's predict wrote there: only those may be overwritten
 PREDICTIONS_MANIFEST = ".medunet-predictions.json"
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
@@ -216,19 +216,20 @@ class Predictor:
         """Load one model directory, several (an ensemble), or a directory of ``fold_*/`` models.
 
         Args:
-            backend: ``torch`` or ``onnx`` (ONNX Runtime on the CPU, on the up-to-date export in
+            backend: ``torch``, ``onnx`` (ONNX Runtime on the CPU) or ``openvino`` (OpenVINO on
+                the CPU, fp32 or bf16 by ``precision``); the last two run the up-to-date export in
                 ``MODEL/export/``: :func:`medunet.export.ensure_onnx` makes it, as
-                ``medunet predict --backend onnx`` does).
-            int8: with ``onnx``, the statically quantised int8 model.
+                ``medunet predict --backend onnx|openvino`` does.
+            int8: with ``onnx`` or ``openvino``, the statically quantised int8 model.
             overlap: sliding-window overlap (default: the plan's, 0.5).
             postprocess: ``auto`` (the choice stored in the first model's plan), ``none``, or
                 steps such as ``largest_component,1:fill_holes`` (see
                 :func:`medunet.inference.postprocess.parse_postprocessing`).
         """
         if backend not in BACKENDS:
-            raise InputError(f"unknown backend '{backend}'", fix=f"use {' or '.join(BACKENDS)}")
-        if int8 and backend != "onnx":
-            raise InputError("int8 needs the ONNX backend", fix="add --backend onnx")
+            raise InputError(f"unknown backend '{backend}'", fix=f"use {', '.join(BACKENDS)}")
+        if int8 and backend == "torch":
+            raise InputError("int8 needs an ONNX export", fix="add --backend onnx or --backend openvino")
         given = [model_dir] if isinstance(model_dir, (str, Path)) else list(model_dir)
         if cls is Predictor and len(given) == 1 and is_cascade(given[0]):
             return CascadePredictor.load(given[0], checkpoint, device, precision, backend=backend, int8=int8,
@@ -239,7 +240,7 @@ class Predictor:
                 raise InputError("a cascade cannot be part of an ensemble", d,
                                  "predict with the cascade alone")
         dev = resolve_device(device) if backend == "torch" else torch.device("cpu")
-        prec = resolve_precision(precision, dev) if backend == "torch" else "fp32"
+        prec = "fp32" if backend == "onnx" else resolve_precision(precision, dev)
         members = []
         for d in dirs:
             if backend == "torch":
@@ -250,8 +251,9 @@ class Predictor:
                 if path is None:
                     raise InputError(f"no current {'int8 ' if int8 else ''}ONNX export of the {checkpoint} "
                                      "checkpoint", d, f"run 'medunet export {d}{' --int8' if int8 else ''}' "
-                                     "first ('medunet predict --backend onnx' does it for you)")
-                members.append(Member(Plan.load(d), OnnxBackend(path), d))
+                                     f"first ('medunet predict --backend {backend}' does it for you)")
+                run = OnnxBackend(path) if backend == "onnx" else OpenVinoBackend(path, prec)
+                members.append(Member(Plan.load(d), run, d))
         _check_compatible(members)
         primary = members[0].plan
         if postprocess == "auto":

@@ -25,14 +25,16 @@ def run(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, worker
         max_upload_mb: float = 512, queue_size: int = 8, device: str | None = None,
         precision: str | None = None, checkpoint: str = "best", log_level: str = "info", *,
         tmp_dir: str | Path | None = None, upload_timeout: float = 120.0, job_timeout: float = 600.0,
-        token: str | None = None, max_voxels: int | None = None) -> None:
+        token: str | None = None, max_voxels: int | None = None, backend: str = "torch") -> None:
     """Load the model once and serve the API and the page with uvicorn until interrupted.
 
     ``workers`` are prediction threads sharing the one model (not processes, which would each
     load it); ``queue_size`` requests may wait beyond them before the server answers 503.
     ``max_voxels`` sets the largest image (voxels x channels) this process reads (default
-    :data:`medunet.io.MAX_VOXELS`). Listening beyond this machine without a ``token`` prints a
-    warning on stderr. The other options are :func:`medunet.serve.app.create_app`'s.
+    :data:`medunet.io.MAX_VOXELS`). ``backend`` is :meth:`Predictor.load`'s (``onnx`` and
+    ``openvino`` export the model first where it has no up-to-date export). Listening beyond this
+    machine without a ``token`` prints a warning on stderr. The other options are
+    :func:`medunet.serve.app.create_app`'s.
     """
     import logging
     import sys
@@ -48,7 +50,12 @@ def run(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, worker
     token = check_token(token)
     if max_voxels is not None:
         set_max_voxels(max_voxels)
-    predictor = Predictor.load(model_dir, checkpoint=checkpoint, device=device, precision=precision)
+    if backend in ("onnx", "openvino"):
+        from medunet.export import ensure_onnx_all
+
+        ensure_onnx_all(model_dir, checkpoint)
+    predictor = Predictor.load(model_dir, checkpoint=checkpoint, device=device, precision=precision,
+                               backend=backend)
     app = create_app(predictor, workers=workers, queue_size=queue_size, max_upload_mb=max_upload_mb,
                      tmp_dir=tmp_dir, upload_timeout=upload_timeout, job_timeout=job_timeout, token=token)
     warning = exposure_warning(host, token)

@@ -34,14 +34,18 @@ from medunet.training.semi import (
     class_thresholds,
     consistency_loss,
     copy_paste,
+    forward_pair,
     masked_dice_ce,
     mc_predict,
+    over_heads,
     perturb,
     predict_confidence,
     semi_settings,
     sigmoid_ramp,
     threshold_maps,
     unflip,
+    unlabeled_patch_size,
+    weighted_ce,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.one_thread)
@@ -81,9 +85,13 @@ def test_settings_defaults_plan_keys_and_errors():
     with pytest.raises(InputError, match="--semi mean-teacher, uamt, cps, bcp, pseudo"):
         semi_settings(None, "fixmatch")
     for bad in ({"pseudo_threshold": 1.0}, {"unlabeled_ratio": 0}, {"ema_decay": 1.0},
-                {"pseudo_rounds": 0}, {"ramp_up": 2}):
+                {"pseudo_rounds": 0}, {"ramp_up": 2}, {"unlabeled_patch": 0}, {"unlabeled_patch": 1.5}):
         with pytest.raises(InputError, match="out of range"):
             semi_settings(bad)
+    with pytest.raises(InputError, match="unlabeled_on_top = 'yes' is not true or false"):
+        semi_settings({"unlabeled_on_top": "yes"})
+    with pytest.raises(InputError, match="bcp pastes boxes"):
+        semi_settings({"unlabeled_patch": 0.5}, "bcp")
 
 
 def test_plan_override_checks_semi_keys(data):
@@ -112,6 +120,18 @@ def test_ramp_and_batch_split():
     assert sigmoid_ramp(0.0, 0.0) == 1.0
     assert batch_split(2, 1.0) == (1, 1) and batch_split(12, 1.0) == (6, 6)
     assert batch_split(12, 2.0) == (4, 8) and batch_split(1, 1.0) == (1, 1)
+    # on top: the whole batch labelled, ratio x batch unlabelled (at least one)
+    assert batch_split(2, 1.0, True) == (2, 2) and batch_split(4, 0.5, True) == (4, 2)
+    assert batch_split(1, 0.1, True) == (1, 1)
+
+
+def test_unlabeled_patch_size_rounds_to_the_divisor():
+    """Half of the Left Atrium plan's 96 x 80 x 48 at divisor 16 x 16 x 8: 48 (3 x 16), 40 is
+    2.5 x 16 and rounds (half to even) to 32, 24 (3 x 8)."""
+    assert unlabeled_patch_size([96, 80, 48], 0.5, [16, 16, 8]) == [48, 32, 24]
+    assert unlabeled_patch_size([96, 80, 48], 1.0, [16, 16, 8]) == [96, 80, 48]
+    assert unlabeled_patch_size([32, 32], 0.01, [8, 8]) == [8, 8]  # at least one multiple
+    assert unlabeled_patch_size([5, 32], 0.5, [8, 8]) == [5, 16]  # an edge below the divisor stays
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,6 +300,56 @@ def test_cps_trains_two_differently_initialised_networks(plan):
     for before, net in ((a0, mode.net), (b0, mode.net_b)):  # one optimiser steps both
         assert not all(torch.equal(x, y.detach()) for x, y in zip(before, net.parameters(), strict=True))
     assert mode.checkpoint()["model_b"] is not None
+
+
+def test_forward_pair_runs_one_batch_when_the_sizes_match_and_two_otherwise():
+    calls = []
+
+    class Heads(torch.nn.Module):  # two "deep-supervision heads": the input and its half
+        def forward(self, t):
+            calls.append(tuple(t.shape))
+            return [t * 2, t[..., ::2, ::2]]
+
+    x, u = torch.ones(2, 1, 8, 8), torch.zeros(3, 1, 8, 8)
+    hx, hu = forward_pair(Heads(), x, u)
+    assert calls == [(5, 1, 8, 8)]
+    assert [tuple(h.shape) for h in hx] == [(2, 1, 8, 8), (2, 1, 4, 4)] and bool((hx[0] == 2).all())
+    assert [tuple(h.shape) for h in hu] == [(3, 1, 8, 8), (3, 1, 4, 4)] and bool((hu[0] == 0).all())
+    calls.clear()
+    hx, hu = forward_pair(Heads(), x, u[..., :4, :4])
+    assert calls == [(2, 1, 8, 8), (3, 1, 4, 4)] and tuple(hu[1].shape) == (3, 1, 2, 2)
+
+
+def test_smaller_unlabelled_patches_on_top_of_the_whole_labelled_batch(plan):
+    """``unlabeled_on_top`` + ``unlabeled_patch`` 0.5: every labelled patch of the plan's batch
+    stays, unlabelled patches of half the edge come on top, and each method that accepts them
+    steps (two forward passes); CPS's unlabelled term stays the mean over all voxels."""
+    half = unlabeled_patch_size(plan.patch_size, 0.5, plan.build_network().divisor)
+    assert half == [p // 2 for p in plan.patch_size]
+    for method in ("mean-teacher", "uamt", "cps", "pseudo"):
+        mode = _mode(plan, method, unlabeled_on_top=True, unlabeled_patch=0.5, pseudo_threshold=0.5)
+        mode.progress = lambda: 0.9  # pseudo: in its last round
+        mode.train()
+        batch = mode.draw()
+        x, u = batch[0], batch[2]
+        assert x.shape[0] == plan.batch_size and list(x.shape[2:]) == plan.patch_size
+        assert u.shape[0] == plan.batch_size and list(u.shape[2:]) == half, method
+        if method == "pseudo":
+            assert tuple(batch[3].shape) == (plan.batch_size, *half)
+        parts = mode.step(batch, 1e-2)
+        assert math.isfinite(parts["unlabeled_loss"]) and parts["unlabeled_weight"] > 0, method
+    # CPS: the labelled and unlabelled cross-entropies weighted by voxels = one mean over both
+    mode = _mode(plan, "cps")
+    mode.train()
+    x, y, u = mode.draw()
+    _, parts = mode.losses(x, y, u)
+    with torch.no_grad():
+        a, b = mode.train_net(torch.cat([x, u])), mode.net_b(torch.cat([x, u]))
+    a, b = (a if isinstance(a, list) else [a]), (b if isinstance(b, list) else [b])
+    ones = torch.ones(a[0].shape[:1] + a[0].shape[2:])
+    want = (over_heads(a if len(a) > 1 else a[0], b[0].argmax(1), ones, weighted_ce)
+            + over_heads(b if len(b) > 1 else b[0], a[0].argmax(1), ones, weighted_ce))
+    assert parts["unlabeled_loss"] == pytest.approx(float(want), rel=1e-5)
 
 
 def test_class_balanced_thresholds_keep_each_class_share():

@@ -4,7 +4,11 @@
 :class:`~medunet.training.loop.Loop` as supervised training, so budget, validation (labelled
 validation cases only), early stopping, checkpoints, resume and the model directory are the
 supervised ones. Every batch holds the plan's ``batch_size`` patches, split between labelled
-and unlabelled ones by ``training.semi.unlabeled_ratio``; the unlabelled term of the loss is
+and unlabelled ones by ``training.semi.unlabeled_ratio`` (with ``unlabeled_on_top`` the plan's
+batch stays labelled and ``unlabeled_ratio`` x batch unlabelled patches come on top). An
+unlabelled patch may be smaller than the plan's (``unlabeled_patch``, a share of each edge), so
+the unlabelled term costs less of a CPU budget that labelled patches would otherwise use; the
+network then runs labelled and unlabelled patches as two batches. The unlabelled term of the loss is
 weighted by ``training.semi.consistency`` times a sigmoid ramp, ``exp(-5 (1 - t)^2)`` with
 ``t = progress / ramp_up`` (Laine & Aila 2017), so the random early network teaches nothing.
 
@@ -76,6 +80,8 @@ METHOD_WEIGHTS = {"mean-teacher": 1.0, "uamt": 1.0, "cps": 1.0, "bcp": 0.5, "pse
 SEMI_DEFAULTS: dict = {
     "method": DEFAULT_METHOD,
     "unlabeled_ratio": 1.0,  # unlabelled patches per labelled patch in a batch (1:1)
+    "unlabeled_on_top": False,  # True: the plan's batch stays labelled; unlabelled patches are added
+    "unlabeled_patch": 1.0,  # edge of an unlabelled patch as a share of the plan's (rounded to the divisor)
     "ramp_up": 0.4,  # share of the run over which the unlabelled weight ramps up (sigmoid)
     "consistency": None,  # weight of the unlabelled term; None: METHOD_WEIGHTS[method]
     "ema_decay": 0.99,  # teacher = EMA of the student (mean-teacher, uamt, bcp)
@@ -127,6 +133,13 @@ def semi_settings(given: dict | None, method: str | None = None,
                              f"use a number in {brackets}")
 
     number("unlabeled_ratio", 0, 16, lo_open=True)
+    number("unlabeled_patch", 0, 1, lo_open=True)
+    if not isinstance(s["unlabeled_on_top"], bool):
+        raise InputError(f"training.semi.unlabeled_on_top = {s['unlabeled_on_top']!r} is not true or false",
+                         "plan.json", "use true or false")
+    if s["method"] == "bcp" and s["unlabeled_patch"] < 1:
+        raise InputError("bcp pastes boxes between labelled and unlabelled patches of one size", "plan.json",
+                         "use training.semi.unlabeled_patch = 1 with --semi bcp")
     number("ramp_up", 0, 1)
     number("consistency", 0, 1000)
     number("ema_decay", 0, 1, lo_open=True, hi_open=True)
@@ -142,11 +155,25 @@ def semi_settings(given: dict | None, method: str | None = None,
     return s
 
 
-def batch_split(batch_size: int, ratio: float) -> tuple[int, int]:
+def batch_split(batch_size: int, ratio: float, on_top: bool = False) -> tuple[int, int]:
     """Labelled and unlabelled patches per step: the plan's batch shared ``1 : ratio`` (at
-    least one of each, so a batch of 1 becomes 1 + 1)."""
+    least one of each, so a batch of 1 becomes 1 + 1), or with ``on_top`` the whole batch
+    labelled plus ``ratio`` x batch unlabelled patches (at least one)."""
+    if on_top:
+        return batch_size, max(1, round(batch_size * ratio))
     n_l = max(1, round(batch_size / (1 + ratio)))
     return n_l, max(1, batch_size - n_l)
+
+
+def unlabeled_patch_size(patch: Sequence[int], share: float, divisor: Sequence[int]) -> list[int]:
+    """Each edge of the plan's patch times ``share``, rounded to a multiple of the network's
+    down-sampling ``divisor`` (at least one multiple, at most the patch): a network pads any
+    other size to that multiple, which would cost compute on zeros."""
+    out = []
+    for p, d in zip(patch, divisor, strict=True):
+        k = max(1, round(p * share / d))
+        out.append(min(int(p), k * int(d)) if p >= d else int(p))
+    return out
 
 
 def sigmoid_ramp(progress: float, ramp_up: float) -> float:
@@ -475,13 +502,10 @@ class SemiMode(SupervisedMode):
             return self._cps(x, y, u, w)
         if self.method == "bcp":
             return self._bcp(x, y, u, w)
-        n = x.shape[0]
-        out = self.train_net(torch.cat([x, u]))
-        heads = list(out) if isinstance(out, (list, tuple)) else [out]
-        sup = self.loss_fn([h[:n] for h in heads] if len(heads) > 1 else heads[0][:n], y)
-        student_u = [h[n:] for h in heads]
+        student_x, student_u = forward_pair(self.train_net, x, u)
+        sup = self.loss_fn(_unlist(student_x), y)
         if self.method == "pseudo":
-            unsup = over_heads(student_u if len(student_u) > 1 else student_u[0], yu, (yu != IGNORE).float())
+            unsup = over_heads(_unlist(student_u), yu, (yu != IGNORE).float())
             loss, parts = _total(sup, unsup, w)
             return loss, {**parts, "pseudo_labelled_share": self.pseudo_share,
                                 "pseudo_lowest_threshold": min(self.pseudo_thresholds)}
@@ -505,23 +529,20 @@ class SemiMode(SupervisedMode):
 
     def _cps(self, x: torch.Tensor, y: torch.Tensor, u: torch.Tensor, w: float
              ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Both networks on labelled + unlabelled patches; each learns the other's argmax."""
-        n = x.shape[0]
-        xu = torch.cat([x, u])
-        out_a, out_b = self.train_net(xu), self.net_b(xu)
-
-        def labelled(out: torch.Tensor | list) -> torch.Tensor | list:
-            return [h[:n] for h in out] if isinstance(out, (list, tuple)) else out[:n]
-
-        def full(out: torch.Tensor | list) -> torch.Tensor:
-            return out[0] if isinstance(out, (list, tuple)) else out
-
-        sup = self.loss_fn(labelled(out_a), y) + self.loss_fn(labelled(out_b), y)
-        target_a = full(out_b).detach().argmax(1)  # what network a learns: b's labels
-        target_b = full(out_a).detach().argmax(1)
-        ones = torch.ones(target_a.shape, device=target_a.device)
-        unsup = (over_heads(out_a, target_a, ones, weighted_ce)
-                 + over_heads(out_b, target_b, ones, weighted_ce))
+        """Both networks on labelled + unlabelled patches; each learns the other's argmax. The
+        labelled and unlabelled patches' cross-entropies are weighted by their voxels: the mean
+        over all voxels, also when the two are of different sizes."""
+        ax, au = forward_pair(self.train_net, x, u)
+        bx, bu = forward_pair(self.net_b, x, u)
+        sup = self.loss_fn(_unlist(ax), y) + self.loss_fn(_unlist(bx), y)
+        parts, sizes = [], []
+        for a, b in ((ax, bx), (au, bu)):
+            target_a, target_b = b[0].detach().argmax(1), a[0].detach().argmax(1)  # a learns b's labels
+            ones = torch.ones(target_a.shape, device=target_a.device)
+            parts.append(over_heads(_unlist(a), target_a, ones, weighted_ce)
+                         + over_heads(_unlist(b), target_b, ones, weighted_ce))
+            sizes.append(target_a.numel())
+        unsup = sum(p * (n / sum(sizes)) for p, n in zip(parts, sizes, strict=True))
         return _total(sup, unsup, w)
 
     def _bcp(self, x: torch.Tensor, y: torch.Tensor, u: torch.Tensor, w: float
@@ -587,7 +608,7 @@ class SemiMode(SupervisedMode):
         self.pseudo_share = sum(int((lab != IGNORE).sum()) for lab in labels) / max(1, total)
         # its own generator for the foreground points, so that a resumed round draws what the
         # uninterrupted one did from the (restored) unlabelled generator
-        sampler = PatchSampler(cases, labels, self.plan.patch_size, self.unlabeled.batch_size,
+        sampler = PatchSampler(cases, labels, self.unlabeled.patch.tolist(), self.unlabeled.batch_size,
                                self.plan.training["fg_oversample"],
                                np.random.default_rng(self.pseudo_round), ignore=IGNORE)
         sampler.rng = self.unlabeled.rng
@@ -630,6 +651,26 @@ class SemiMode(SupervisedMode):
         self.semi_gen.manual_seed(seed + 2)
 
 
+def forward_pair(net: nn.Module, x: torch.Tensor, u: torch.Tensor
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``net``'s heads on labelled patches ``x`` and unlabelled ``u``: one batch when their sizes
+    match (batch norm sees both), two passes when ``unlabeled_patch`` made ``u`` smaller."""
+    if x.shape[2:] == u.shape[2:]:
+        n = x.shape[0]
+        heads = _listed(net(torch.cat([x, u])))
+        return [h[:n] for h in heads], [h[n:] for h in heads]
+    return _listed(net(x)), _listed(net(u))
+
+
+def _listed(out: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+def _unlist(heads: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """What the loss takes: the deep-supervision list, or the one head."""
+    return heads if len(heads) > 1 else heads[0]
+
+
 def _total(sup: torch.Tensor, unsup: torch.Tensor, w: float) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss and the parts ``log.csv`` shows."""
     return sup + w * unsup, {"supervised_loss": float(sup.detach()), "unlabeled_loss": float(unsup.detach()),
@@ -661,7 +702,10 @@ def build_semi_mode(plan, net: nn.Module, train_net: nn.Module, loss_fn: nn.Modu
 
     t = plan.training
     method = settings["method"]
-    n_l, n_u = batch_split(plan.batch_size, float(settings["unlabeled_ratio"]))
+    n_l, n_u = batch_split(plan.batch_size, float(settings["unlabeled_ratio"]),
+                           bool(settings["unlabeled_on_top"]))
+    u_patch = unlabeled_patch_size(plan.patch_size, float(settings["unlabeled_patch"]),
+                                   getattr(net, "divisor", (1,) * plan.dim))
     net_b = None
     if method == "cps":  # the second network: same plan, another initialisation
         with torch.random.fork_rng(devices=[]):
@@ -679,15 +723,18 @@ def build_semi_mode(plan, net: nn.Module, train_net: nn.Module, loss_fn: nn.Modu
     return SemiMode(plan, net, optimizer, torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
                     loss_fn, sampler, torch.Generator().manual_seed(seed), device, precision, ema=ema,
                     train_net=train_net, settings=settings,
-                    unlabeled=ImageSampler(unlabeled, plan.patch_size, n_u, np.random.default_rng(seed + 1)),
+                    unlabeled=ImageSampler(unlabeled, u_patch, n_u, np.random.default_rng(seed + 1)),
                     semi_gen=torch.Generator().manual_seed(seed + 2), net_b=net_b)
 
 
 def semi_reason(settings: dict, n_unlabeled: int, source: str) -> str:
     """The plan's ``reasons['training.semi']``: what the settings mean, from their values."""
     s = settings
+    extra = " on top of the whole labelled batch" if s["unlabeled_on_top"] else ""
+    if s["unlabeled_patch"] < 1:
+        extra += f", unlabelled patch edges {s['unlabeled_patch']:g} of the plan's"
     text = (f"semi-supervised ({s['method']}) with {n_unlabeled} unlabelled case(s) from {source}; "
-            f"unlabelled:labelled patches {s['unlabeled_ratio']:g}:1 per batch, unlabelled weight "
+            f"unlabelled:labelled patches {s['unlabeled_ratio']:g}:1 per batch{extra}, unlabelled weight "
             f"{s['consistency']:g} ramped (sigmoid) over the first {100 * s['ramp_up']:g}% of the "
             f"{'pseudo-label rounds' if s['method'] == 'pseudo' else 'run'}")
     if s["method"] in ("mean-teacher", "uamt", "bcp"):

@@ -318,6 +318,21 @@ def test_forward_pair_runs_one_batch_when_the_sizes_match_and_two_otherwise():
     calls.clear()
     hx, hu = forward_pair(Heads(), x, u[..., :4, :4])
     assert calls == [(2, 1, 8, 8), (3, 1, 4, 4)] and tuple(hu[1].shape) == (3, 1, 2, 2)
+    # two passes: the running statistics are the labelled pass's alone; the small patches
+    # still normalise with their own batch statistics
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.BatchNorm2d(3)).train()
+    bn = net[1]
+    start = (bn.running_mean.clone(), bn.running_var.clone())
+    xs, us = torch.randn(2, 1, 8, 8), torch.randn(3, 1, 4, 4) * 5 + 2
+    _, (out_u,) = forward_pair(net, xs, us)
+    after_pair = (bn.running_mean.clone(), bn.running_var.clone())
+    bn.running_mean.copy_(start[0])
+    bn.running_var.copy_(start[1])
+    net(xs)  # the labelled pass alone
+    torch.testing.assert_close(after_pair, (bn.running_mean, bn.running_var), atol=0, rtol=0)
+    mean = out_u.detach().mean(dim=(0, 2, 3))
+    torch.testing.assert_close(mean, net[1].bias.detach(), atol=1e-5, rtol=0)  # batch statistics
 
 
 def test_smaller_unlabelled_patches_on_top_of_the_whole_labelled_batch(plan):

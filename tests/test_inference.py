@@ -319,7 +319,7 @@ def test_overlap_option_and_bad_values(tmp_path):
         Predictor.load(model, overlap=1.0)
     with pytest.raises(InputError, match="backend"):
         Predictor.load(model, backend="tensorrt")
-    with pytest.raises(InputError, match="int8 needs the ONNX backend"):
+    with pytest.raises(InputError, match="int8 needs an ONNX export"):
         Predictor.load(model, int8=True)
 
 

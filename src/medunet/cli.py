@@ -281,6 +281,7 @@ def predict(
     import time
 
     from medunet.inference import Predictor
+    from medunet.inference.predictor import EXPORT_BACKENDS
     from medunet.nnunet import import_nnunet, is_nnunet_folder
 
     models = [model, *(extra_models or [])]
@@ -290,7 +291,7 @@ def predict(
         models = [import_nnunet(m, Path(scratch.name) / f"m{i}") if is_nnunet_folder(m) else m
                   for i, m in enumerate(models)]
     try:
-        if backend in ("onnx", "openvino"):  # export first where there is no up-to-date export
+        if backend in EXPORT_BACKENDS:  # export first where there is no up-to-date export
             from medunet.export import ensure_onnx_all
 
             ensure_onnx_all(models, checkpoint, int8, calibration)

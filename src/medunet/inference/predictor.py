@@ -51,6 +51,8 @@ __all__ = [
     "prior_channels",
 ]
 BACKENDS = ("torch", "onnx", "openvino")
+# the backends that run the model's ONNX export (MODEL/export/), which their callers make first
+EXPORT_BACKENDS = ("onnx", "openvino")
 # lists, in an output folder, the files medunet's predict wrote there: only those may be overwritten
 PREDICTIONS_MANIFEST = ".medunet-predictions.json"
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
@@ -228,7 +230,7 @@ class Predictor:
         """
         if backend not in BACKENDS:
             raise InputError(f"unknown backend '{backend}'", fix=f"use {', '.join(BACKENDS)}")
-        if int8 and backend == "torch":
+        if int8 and backend not in EXPORT_BACKENDS:
             raise InputError("int8 needs an ONNX export", fix="add --backend onnx or --backend openvino")
         given = [model_dir] if isinstance(model_dir, (str, Path)) else list(model_dir)
         if cls is Predictor and len(given) == 1 and is_cascade(given[0]):

@@ -42,6 +42,7 @@ def run(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, worker
     import uvicorn
 
     from medunet.inference import Predictor
+    from medunet.inference.predictor import EXPORT_BACKENDS
     from medunet.io.image import set_max_voxels
     from medunet.serve.auth import RedactTokenFilter, check_token, exposure_warning
 
@@ -50,7 +51,7 @@ def run(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, worker
     token = check_token(token)
     if max_voxels is not None:
         set_max_voxels(max_voxels)
-    if backend in ("onnx", "openvino"):
+    if backend in EXPORT_BACKENDS:
         from medunet.export import ensure_onnx_all
 
         ensure_onnx_all(model_dir, checkpoint)

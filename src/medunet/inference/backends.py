@@ -93,16 +93,15 @@ class OpenVinoBackend:
     """OpenVINO on the CPU, running the same ONNX export as :class:`OnnxBackend`.
 
     Why a third backend: OpenVINO's CPU plugin fuses instance norm into its neighbours and runs
-    convolutions in bf16 where the CPU has native bf16 (AVX512-BF16, AMX). An nnU-Net window
-    (instance norm after every conv) ran 1.7-1.9x faster than PyTorch bf16, and 2.1x faster than
-    PyTorch in fp32 (BENCHMARKS.md, issue 18). Dynamic input shapes ran at half that speed, so
-    the graph is compiled once per window shape (~0.2 s each; a prediction sees one or two:
-    the full window batch and the last, smaller one). Infer requests are per thread, as
+    convolutions in bf16 where the CPU has native bf16 (AVX512-BF16, AMX). One window of an
+    nnU-Net network (instance norm after every conv) ran 1.8-2.1x faster than PyTorch bf16, and
+    2.2-2.4x faster than PyTorch in fp32 (``bench/openvino_window.py``, BENCHMARKS.md). The
+    graph keeps the export's dynamic batch and spatial axes (as fast as a graph compiled for the
+    window's shape there) and is compiled once; infer requests are per thread, as
     ``medunet serve`` calls one backend from several worker threads.
     """
 
     name = "openvino"
-    MAX_SHAPES = 8  # compiled graphs kept (a batch shape each); the oldest is dropped beyond this
 
     def __init__(self, path: str | Path, precision: str = "fp32", threads: int | None = None) -> None:
         try:
@@ -113,43 +112,28 @@ class OpenVinoBackend:
             raise InputError(f"the OpenVINO backend runs fp32 or bf16, not {precision}",
                              fix="use --precision fp32, bf16 or auto")
         self.path = Path(path)
-        self.core = ov.Core()
-        try:
-            self.model = self.core.read_model(str(self.path))
-        except Exception as exc:
-            raise InputError(f"OpenVINO cannot read the ONNX model ({exc})".replace("\n", " "), self.path,
-                             "re-export it with 'medunet export MODEL --format onnx'") from exc
-        if precision == "bf16" and "BF16" not in self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        int8 = "int8" in self.path.name
+        core = ov.Core()
+        if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
             precision = "fp32"  # OpenVINO has no bf16 kernels for this CPU: say what runs
-        self.config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-                       "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
-                       "PERFORMANCE_HINT": "LATENCY"}
+        if int8:  # the quantised convs run in int8; a bf16 hint on top does not compile with dynamic axes
+            precision = "fp32"
+        config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+                  "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
+                  "PERFORMANCE_HINT": "LATENCY"}
+        try:
+            self.compiled = core.compile_model(core.read_model(str(self.path)), "CPU", config)
+        except Exception as exc:
+            raise InputError(f"OpenVINO cannot load the ONNX model ({exc})".replace("\n", " "), self.path,
+                             "re-export it with 'medunet export MODEL --format onnx'") from exc
         self.device = torch.device("cpu")
-        self.precision = "int8" if "int8" in self.path.name else precision
-        self._compiled: dict[tuple[int, ...], object] = {}
-        self._lock = threading.Lock()
+        self.precision = "int8" if int8 else precision
         self._local = threading.local()
-
-    def compiled(self, shape: tuple[int, ...]):
-        """The graph compiled for one input shape (cached)."""
-        with self._lock:
-            if shape not in self._compiled:
-                if len(self._compiled) >= self.MAX_SHAPES:
-                    self._compiled.pop(next(iter(self._compiled)))
-                model = self.model.clone()
-                model.reshape({model.inputs[0].get_any_name(): list(shape)})
-                self._compiled[shape] = self.core.compile_model(model, "CPU", self.config)
-            return self._compiled[shape]
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         x = np.ascontiguousarray(batch.detach().to("cpu", torch.float32).numpy())
-        shape = tuple(x.shape)
-        requests = getattr(self._local, "requests", None)
-        if requests is None:
-            requests = self._local.requests = {}
-        compiled = self.compiled(shape)
-        request = requests.get(shape)
-        if request is None or request[0] is not compiled:  # new shape, or its graph was dropped
-            request = requests[shape] = (compiled, compiled.create_infer_request())
-        out = request[1].infer({0: x})[0]
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        out = request.infer({0: x})[0]
         return torch.from_numpy(np.array(out, dtype=np.float32))  # a copy: the request reuses its buffer

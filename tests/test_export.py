@@ -113,6 +113,24 @@ def test_onnx_backend_predict_writes_the_same_labels_as_torch(trained, tmp_path)
     assert (q == outs["torch"]).mean() > 0.9
 
 
+def test_a_precision_the_backend_cannot_run_is_refused_before_exporting(trained, tmp_path):
+    """ONNX Runtime runs fp32 only: ``--precision bf16`` with it is an input error (exit 2)
+    naming the backend that runs bf16, raised before the export or any output is written."""
+    data, _ = trained
+    model = _random_model_dir(tmp_path, 2)
+    for backend, precision in (("onnx", "bf16"), ("onnx", "fp16"), ("openvino", "fp16")):
+        out = tmp_path / f"out_{backend}_{precision}"
+        r = runner.invoke(app, ["predict", str(model), str(data / "imagesTs"), "-o", str(out),
+                                "--backend", backend, "--precision", precision, "--quiet"])
+        err = r.exception
+        assert isinstance(err, InputError) and err.exit_code == 2, r.output
+        assert f"the {backend} backend runs" in str(err) and f"not {precision}" in str(err)
+        assert ("--backend openvino runs bf16" in str(err)) == (backend == "onnx")
+        assert not out.exists() and not (model / "export").exists()
+    with pytest.raises(InputError, match="the onnx backend runs fp32, not bf16"):
+        Predictor.load(model, backend="onnx", precision="bf16")
+
+
 def test_openvino_backend_predicts_the_labels_of_torch(trained, tmp_path):
     """``--backend openvino`` exports first, then matches PyTorch: fp32 to a few pixels (float
     summation order), bf16 to most pixels; int8 runs the QDQ export."""

@@ -569,6 +569,8 @@ def test_run_refuses_bad_port_and_missing_model(tmp_path):
         run(tmp_path, port=70000)
     with pytest.raises(InputError):
         run(tmp_path / "nope", port=8000)
+    with pytest.raises(InputError, match="the onnx backend runs fp32, not bf16"):  # before exporting
+        run(tmp_path / "nope", port=8000, backend="onnx", precision="bf16")
 
 
 # ------------------------------------------------------------------------------ real server + page

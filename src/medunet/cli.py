@@ -269,7 +269,8 @@ def predict(
                                         help="replace NaN/inf voxels with the channel's lowest finite value "
                                         "(default: refuse such images)"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N (torch backend)"),
-    precision: str = typer.Option("auto", help="auto, fp32, bf16, fp16 (torch); auto, fp32, bf16 (openvino)"),
+    precision: str = typer.Option("auto", help="auto, fp32, bf16, fp16 (torch); auto, fp32, bf16 "
+                                  "(openvino); auto, fp32 (onnx)"),
     workers: int | None = typer.Option(None, help="processes predicting side by side (default: one per "
                                        "visible GPU on CUDA, else 1); on a CPU they share the cores"),
     overwrite: bool = typer.Option(False, help="redo cases a previous run into OUTPUT already finished "
@@ -281,9 +282,10 @@ def predict(
     import time
 
     from medunet.inference import Predictor
-    from medunet.inference.predictor import EXPORT_BACKENDS
+    from medunet.inference.predictor import EXPORT_BACKENDS, check_backend
     from medunet.nnunet import import_nnunet, is_nnunet_folder
 
+    check_backend(backend, precision, int8)  # before anything is imported or exported for it
     models = [model, *(extra_models or [])]
     scratch = None
     if any(is_nnunet_folder(m) for m in models):  # an nnU-Net result folder: import it for this run

@@ -53,9 +53,26 @@ __all__ = [
 BACKENDS = ("torch", "onnx", "openvino")
 # the backends that run the model's ONNX export (MODEL/export/), which their callers make first
 EXPORT_BACKENDS = ("onnx", "openvino")
+# what each export backend can run (``auto``: its best; torch checks its own in resolve_precision)
+EXPORT_PRECISIONS = {"onnx": ("auto", "fp32"), "openvino": ("auto", "fp32", "bf16")}
 # lists, in an output folder, the files medunet's predict wrote there: only those may be overwritten
 PREDICTIONS_MANIFEST = ".medunet-predictions.json"
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
+
+
+def check_backend(backend: str, precision: str | None = None, int8: bool = False) -> None:
+    """Refuse a backend / precision / int8 combination that cannot run, before the callers
+    export anything for it: ONNX Runtime would otherwise run fp32 whatever ``--precision``
+    asked for."""
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend '{backend}'", fix=f"use {', '.join(BACKENDS)}")
+    if int8 and backend not in EXPORT_BACKENDS:
+        raise InputError("int8 needs an ONNX export", fix="add --backend onnx or --backend openvino")
+    allowed = EXPORT_PRECISIONS.get(backend)
+    if allowed and (precision or "auto") not in allowed:
+        raise InputError(f"the {backend} backend runs {' or '.join(allowed[1:])}, not {precision}",
+                         fix=f"use --precision {', '.join(allowed)}"
+                             + (" (--backend openvino runs bf16)" if backend == "onnx" else ""))
 
 
 @dataclass
@@ -228,10 +245,7 @@ class Predictor:
                 steps such as ``largest_component,1:fill_holes`` (see
                 :func:`medunet.inference.postprocess.parse_postprocessing`).
         """
-        if backend not in BACKENDS:
-            raise InputError(f"unknown backend '{backend}'", fix=f"use {', '.join(BACKENDS)}")
-        if int8 and backend not in EXPORT_BACKENDS:
-            raise InputError("int8 needs an ONNX export", fix="add --backend onnx or --backend openvino")
+        check_backend(backend, precision, int8)
         given = [model_dir] if isinstance(model_dir, (str, Path)) else list(model_dir)
         if cls is Predictor and len(given) == 1 and is_cascade(given[0]):
             return CascadePredictor.load(given[0], checkpoint, device, precision, backend=backend, int8=int8,

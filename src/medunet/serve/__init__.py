@@ -42,7 +42,7 @@ def run(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, worker
     import uvicorn
 
     from medunet.inference import Predictor
-    from medunet.inference.predictor import EXPORT_BACKENDS
+    from medunet.inference.predictor import EXPORT_BACKENDS, check_backend
     from medunet.io.image import set_max_voxels
     from medunet.serve.auth import RedactTokenFilter, check_token, exposure_warning
 
@@ -51,6 +51,7 @@ def run(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, worker
     token = check_token(token)
     if max_voxels is not None:
         set_max_voxels(max_voxels)
+    check_backend(backend, precision)
     if backend in EXPORT_BACKENDS:
         from medunet.export import ensure_onnx_all
 

@@ -433,6 +433,7 @@ def test_cli_imports_several_folds_and_predicts_a_result_folder_directly(tmp_pat
     res = runner.invoke(app, ["predict", str(folder), str(images), "-o", str(tmp_path / "out"), "--quiet",
                               "--precision", "fp32"])
     assert res.exit_code == 0, res.output
+    assert "--backend openvino" in " ".join(res.output.split())  # the faster CPU backend, named
     seg = nib.load(str(tmp_path / "out" / "case.nii.gz"))
     assert seg.shape == vol.shape and set(np.unique(seg.get_fdata())) <= {0, 1, 2}
 

@@ -311,6 +311,10 @@ def predict(
         per_case = dt / max(1, run["predicted"])
         out.print(f"wrote {run['predicted']} label map(s) to {output} ({per_case:.2f}s per case; "
                   f"{n} model{'s' if n > 1 else ''}, {backend} {predictor.precision}, tta {tta}{skipped})")
+        if scratch is not None and backend == "torch" and predictor.device.type == "cpu":
+            # BENCHMARKS.md (issue 18): OpenVINO bf16 is 1.5-1.9x PyTorch bf16 on nnU-Net's networks
+            out.print("tip: nnU-Net's networks predict 1.5-1.9x faster on a CPU with --backend openvino "
+                      "(pip install 'medunet[openvino]')")
     finally:
         if scratch is not None:
             scratch.cleanup()

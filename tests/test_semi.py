@@ -85,7 +85,8 @@ def test_settings_defaults_plan_keys_and_errors():
     with pytest.raises(InputError, match="--semi mean-teacher, uamt, cps, bcp, pseudo"):
         semi_settings(None, "fixmatch")
     for bad in ({"pseudo_threshold": 1.0}, {"unlabeled_ratio": 0}, {"ema_decay": 1.0},
-                {"pseudo_rounds": 0}, {"ramp_up": 2}, {"unlabeled_patch": 0}, {"unlabeled_patch": 1.5}):
+                {"pseudo_rounds": 0}, {"ramp_up": 2}, {"unlabeled_patch": 0}, {"unlabeled_patch": 1.5},
+                {"unlabeled_start": 1.0}, {"unlabeled_start": -0.1}, {"unlabeled_start": "half"}):
         with pytest.raises(InputError, match="out of range"):
             semi_settings(bad)
     with pytest.raises(InputError, match="unlabeled_on_top = 'yes' is not true or false"):
@@ -401,6 +402,44 @@ def test_the_pseudo_ramp_starts_with_the_first_round(plan):
     assert teacher.weight() == pytest.approx(math.exp(-1.25))
 
 
+def test_unlabelled_patches_join_after_the_labelled_only_start(plan):
+    """``unlabeled_start`` 0.5: before it every method trains the plan's whole labelled batch
+    (CPS both networks) with no unlabelled term; after it the batch is shared and the ramp counts
+    from the start: exp(-5) there, 1 after ``ramp_up`` of the remaining half."""
+    progress = [0.3]
+    for method in ("mean-teacher", "cps", "bcp"):
+        mode = _mode(plan, method, unlabeled_start=0.5, ramp_up=0.4, consistency=2.0)
+        mode.progress = lambda: progress[0]
+        mode.train()
+        progress[0] = 0.3
+        batch = mode.draw()
+        assert len(batch) == 2 and batch[0].shape[0] == plan.batch_size, method
+        before = None if mode.net_b is None else [q.detach().clone() for q in mode.net_b.parameters()]
+        parts = mode.step(batch, 1e-2)
+        assert math.isnan(parts["unlabeled_loss"]) and parts["unlabeled_weight"] == 0.0, method
+        if before is not None:  # cps: the second network learns the labels too
+            assert any(not torch.equal(a, b) for a, b in zip(before, mode.net_b.parameters(), strict=True))
+        progress[0] = 0.5
+        batch = mode.draw()
+        n_l, n_u = batch_split(plan.batch_size, 1.0)
+        assert len(batch) == 3 and batch[0].shape[0] == n_l and batch[2].shape[0] == n_u, method
+        assert mode.weight() == pytest.approx(2.0 * math.exp(-5))
+        parts = mode.step(batch, 1e-2)
+        assert math.isfinite(parts["unlabeled_loss"]), method
+        progress[0] = 0.5 + 0.2 * 0.5
+        assert mode.weight() == pytest.approx(2.0 * math.exp(-1.25))
+        progress[0] = 0.5 + 0.4 * 0.5 + 1e-9
+        assert mode.weight() == pytest.approx(2.0)
+    # pseudo: the rounds split what follows the start (0.6): round 1 from 0.6, round 2 from 0.8
+    mode = _mode(plan, "pseudo", unlabeled_start=0.6, pseudo_rounds=2, pseudo_threshold=0.6)
+    mode.progress = lambda: progress[0]
+    mode.train()
+    for share, want in ((0.59, 0), (0.6, 1), (0.79, 1), (0.8, 2), (0.99, 2)):
+        progress[0] = share
+        batch = mode.draw()
+        assert mode.pseudo_round == want and len(batch) == (2 if want == 0 else 4), share
+
+
 def test_pseudo_labels_of_a_whole_case(plan):
     """A per-pixel network (logits 0 and 4x for background and foreground) predicts a case larger
     than the patch: every window sees the same probability at a pixel, so the whole-case map is
@@ -530,15 +569,18 @@ def test_3d_through_the_same_code(tmp_path, method):
 # resume
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [*METHODS, "mean-teacher+start"])
 def test_an_interrupted_run_resumes_to_the_same_state(data, tmp_path, method, monkeypatch):
     """Stopped right after epoch 1's checkpoint, the same call with ``resume`` ends with the
     networks, EMA/teacher, second network, frozen pseudo-label model and counters of a run never
-    interrupted (with deep supervision: every method's losses on every head)."""
+    interrupted (with deep supervision: every method's losses on every head). ``+start``: the
+    unlabelled patches join half-way, after the resume."""
     import medunet.training.loop as loop
 
     # validation every epoch whatever its time share, so the counters compare exactly
     ov = {**TINY, "network.deep_supervision": True, "training.val_time_share": 1000}
+    if method.endswith("+start"):
+        method, ov = method.removesuffix("+start"), {**ov, "training.semi.unlabeled_start": 0.5}
     kw = {"epochs": 3, "overrides": ov, "unlabeled": True, "semi": method, **FP32}
     train(data, tmp_path / "a", **kw)
     save = loop.Loop.save

@@ -270,7 +270,7 @@ TYPED_SECTIONS: dict[str, frozenset[str]] = {
     "training.semi": frozenset({
         "bcp_box", "consistency", "dropout", "ema_decay", "method", "noise", "pseudo_class_share",
         "pseudo_rounds", "pseudo_threshold", "ramp_up", "uncertainty_passes", "unlabeled_on_top",
-        "unlabeled_patch", "unlabeled_ratio"}),
+        "unlabeled_patch", "unlabeled_ratio", "unlabeled_start"}),
     # average, window_weights, pad, mirror_axes: how imported nnU-Net models predict (nnunet/)
     "inference": frozenset({"average", "mirror_axes", "overlap", "pad", "postprocessing", "sigma_scale",
                             "tta", "tta_choice", "window_weights"}),

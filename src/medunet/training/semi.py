@@ -11,6 +11,9 @@ the unlabelled term costs less of a CPU budget that labelled patches would other
 network then runs labelled and unlabelled patches as two batches. The unlabelled term of the loss is
 weighted by ``training.semi.consistency`` times a sigmoid ramp, ``exp(-5 (1 - t)^2)`` with
 ``t = progress / ramp_up`` (Laine & Aila 2017), so the random early network teaches nothing.
+With ``unlabeled_start`` the first part of the run trains on the plan's whole labelled batch
+and unlabelled patches join after it (``progress`` then counts from there): early on the ramp
+keeps their weight near 0, so the batch slots and compute they take buy almost nothing.
 
 Methods (``training.semi.method``):
 
@@ -27,7 +30,8 @@ Methods (``training.semi.method``):
   unlabelled patch is pasted into a labelled one and the reverse; targets are the label and the
   EMA teacher's argmax, the unlabelled regions weighted ``consistency`` (0.5 in the paper).
 - ``pseudo`` (self-training in rounds): the run is split into ``pseudo_rounds + 1`` equal
-  parts; the first trains on labels only, with the plan's whole batch. At the start of each
+  parts (or a labelled-only part of ``unlabeled_start`` and ``pseudo_rounds`` equal rounds
+  after it); the first trains on labels only, with the plan's whole batch. At the start of each
   later round the current (EMA) model is frozen and predicts every unlabelled case whole
   (sliding window, as validation does); voxels whose largest probability is above
   ``pseudo_threshold`` get its class as target, the others are ignored. With
@@ -82,7 +86,10 @@ SEMI_DEFAULTS: dict = {
     "unlabeled_ratio": 1.0,  # unlabelled patches per labelled patch in a batch (1:1)
     "unlabeled_on_top": False,  # True: the plan's batch stays labelled; unlabelled patches are added
     "unlabeled_patch": 1.0,  # edge of an unlabelled patch as a share of the plan's (rounded to the divisor)
-    "ramp_up": 0.4,  # share of the run over which the unlabelled weight ramps up (sigmoid)
+    # share of the run trained on labelled patches alone (the plan's whole batch) before unlabelled
+    # ones join; None: 0, or for pseudo the first of pseudo_rounds + 1 equal parts
+    "unlabeled_start": None,
+    "ramp_up": 0.4,  # share of the rest of the run over which the unlabelled weight ramps up (sigmoid)
     "consistency": None,  # weight of the unlabelled term; None: METHOD_WEIGHTS[method]
     "ema_decay": 0.99,  # teacher = EMA of the student (mean-teacher, uamt, bcp)
     "noise": 0.1,  # std of the teacher's input noise (clipped at 2 std), in normalised units
@@ -141,6 +148,8 @@ def semi_settings(given: dict | None, method: str | None = None,
         raise InputError("bcp pastes boxes between labelled and unlabelled patches of one size", "plan.json",
                          "use training.semi.unlabeled_patch = 1 with --semi bcp")
     number("ramp_up", 0, 1)
+    if s["unlabeled_start"] is not None:
+        number("unlabeled_start", 0, 1, hi_open=True)
     number("consistency", 0, 1000)
     number("ema_decay", 0, 1, lo_open=True, hi_open=True)
     number("noise", 0, 10)
@@ -471,6 +480,10 @@ class SemiMode(SupervisedMode):
         augmentation, drawn independently; with their pseudo-labels for ``pseudo``)."""
         if self.method == "pseudo":
             return self._draw_pseudo()
+        if self.progress() < self.start:  # the labelled-only part: the plan's whole batch
+            self.sampler.batch_size = self.plan.batch_size
+            return super().draw()
+        self.sampler.batch_size = self.n_labelled
         x, y = super().draw()
         u = torch.from_numpy(self.unlabeled.sample()).to(self.device, non_blocking=True)
         dummy = torch.zeros((u.shape[0], *u.shape[2:]), dtype=torch.uint8, device=u.device)
@@ -480,23 +493,32 @@ class SemiMode(SupervisedMode):
     def weight(self) -> float:
         return float(self.s["consistency"]) * sigmoid_ramp(self.ramp_progress(), float(self.s["ramp_up"]))
 
+    @property
+    def start(self) -> float:
+        """The share of the run before unlabelled patches join: ``unlabeled_start``, by default
+        0, or for ``pseudo`` the first of ``pseudo_rounds + 1`` equal parts."""
+        if self.s.get("unlabeled_start") is not None:
+            return float(self.s["unlabeled_start"])
+        return 1.0 / (int(self.s["pseudo_rounds"]) + 1) if self.method == "pseudo" else 0.0
+
     def ramp_progress(self) -> float:
-        """The share of the run the ramp counts: all of it, or for ``pseudo`` the rounds' share
-        (0 when the first round starts, 1 at the end), as the first part has no targets."""
-        if self.method != "pseudo":
-            return self.progress()
-        start = 1.0 / (int(self.s["pseudo_rounds"]) + 1)
+        """The share of the run the ramp counts: 0 when unlabelled patches join (the run's start
+        unless ``unlabeled_start`` or ``pseudo`` says otherwise), 1 at the end; the labelled-only
+        part has no unlabelled term to weigh."""
+        start = self.start
         return max(0.0, (self.progress() - start) / (1.0 - start))
 
     def losses(self, x: torch.Tensor, y: torch.Tensor, u: torch.Tensor | None = None,
                yu: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-        if u is None:
-            if self.method == "pseudo":  # the labelled-only first part, with the rounds' log columns
-                sup = self.loss_fn(self.train_net(x), y)
-                return sup, {"supervised_loss": float(sup.detach()), "unlabeled_loss": float("nan"),
-                             "unlabeled_weight": 0.0, "pseudo_labelled_share": float("nan"),
-                             "pseudo_lowest_threshold": float("nan")}
-            return super().losses(x, y)  # a labelled batch alone (SupervisedMode's signature)
+        if u is None:  # the labelled-only part, with the columns log.csv has for the rest
+            sup = self.loss_fn(self.train_net(x), y)
+            if self.net_b is not None:  # cps: the second network learns the labels too
+                sup = sup + self.loss_fn(self.net_b(x), y)
+            parts = {"supervised_loss": float(sup.detach()), "unlabeled_loss": float("nan"),
+                     "unlabeled_weight": 0.0}
+            if self.method == "pseudo":
+                parts.update(pseudo_labelled_share=float("nan"), pseudo_lowest_threshold=float("nan"))
+            return sup, parts
         w = self.weight()
         if self.method == "cps":
             return self._cps(x, y, u, w)
@@ -584,8 +606,9 @@ class SemiMode(SupervisedMode):
         """Entering a pseudo-label round (the run's share done says which) freezes the current
         (EMA) model and predicts the round's targets with it; a resumed round predicts them
         again with its restored frozen model."""
-        rounds = int(self.s["pseudo_rounds"])
-        now = min(rounds, int(math.floor(self.progress() * (rounds + 1) + 1e-9)))
+        rounds, start = int(self.s["pseudo_rounds"]), self.start
+        done = self.progress() - start
+        now = 0 if done < -1e-9 else min(rounds, 1 + int(math.floor(done / (1.0 - start) * rounds + 1e-9)))
         if now > self.pseudo_round or (now and self.pseudo_net is None):
             self.pseudo_round = now
             self.pseudo_net = _frozen(self.eval_net)
@@ -744,6 +767,9 @@ def semi_reason(settings: dict, n_unlabeled: int, source: str) -> str:
             f"unlabelled:labelled patches {s['unlabeled_ratio']:g}:1 per batch{extra}, unlabelled weight "
             f"{s['consistency']:g} ramped (sigmoid) over the first {100 * s['ramp_up']:g}% of the "
             f"{'pseudo-label rounds' if s['method'] == 'pseudo' else 'run'}")
+    if s["unlabeled_start"] is not None:
+        text += (f"; the first {100 * s['unlabeled_start']:g}% of the run on labelled patches alone, "
+                 "the ramp counting from there")
     if s["method"] in ("mean-teacher", "uamt", "bcp"):
         text += f"; teacher = EMA {s['ema_decay']:g} of the student, validated and saved"
     if s["method"] == "pseudo":

@@ -23,6 +23,7 @@ from medunet.planning.plan import TYPED_SECTIONS
 from medunet.training import train
 from medunet.training.losses import build_loss
 from medunet.training.semi import (
+    DEFAULT_START,
     IGNORE,
     METHODS,
     SEMI_DEFAULTS,
@@ -35,6 +36,7 @@ from medunet.training.semi import (
     consistency_loss,
     copy_paste,
     forward_pair,
+    labelled_only_share,
     masked_dice_ce,
     mc_predict,
     over_heads,
@@ -93,6 +95,10 @@ def test_settings_defaults_plan_keys_and_errors():
         semi_settings({"unlabeled_on_top": "yes"})
     with pytest.raises(InputError, match="bcp pastes boxes"):
         semi_settings({"unlabeled_patch": 0.5}, "bcp")
+    # the labelled-only first part: half the run by default, pseudo's first part, or as given
+    assert s["unlabeled_start"] is None and labelled_only_share(s) == DEFAULT_START == 0.5
+    assert labelled_only_share(semi_settings({"pseudo_rounds": 3}, "pseudo")) == 0.25
+    assert labelled_only_share(semi_settings({"unlabeled_start": 0}, "cps")) == 0.0
 
 
 def test_plan_override_checks_semi_keys(data):
@@ -256,6 +262,10 @@ def test_unlabelled_patches_are_padded_and_uniform():
 
 
 def _mode(plan: Plan, method: str, seed: int = 0, **semi):
+    """A SemiMode on tiny data; unlabelled patches from the first step unless ``unlabeled_start``
+    (or ``pseudo``'s rounds) say otherwise."""
+    if method != "pseudo":
+        semi.setdefault("unlabeled_start", 0.0)
     rng = np.random.default_rng(seed)
     imgs = [rng.standard_normal((1, 32, 32)).astype(np.float32) for _ in range(3)]
     labs = [(rng.random((32, 32)) > 0.7).astype(np.uint8) for _ in range(3)]
@@ -569,18 +579,18 @@ def test_3d_through_the_same_code(tmp_path, method):
 # resume
 
 
-@pytest.mark.parametrize("method", [*METHODS, "mean-teacher+start"])
+@pytest.mark.parametrize("method", [*METHODS, "mean-teacher+start0"])
 def test_an_interrupted_run_resumes_to_the_same_state(data, tmp_path, method, monkeypatch):
     """Stopped right after epoch 1's checkpoint, the same call with ``resume`` ends with the
     networks, EMA/teacher, second network, frozen pseudo-label model and counters of a run never
-    interrupted (with deep supervision: every method's losses on every head). ``+start``: the
-    unlabelled patches join half-way, after the resume."""
+    interrupted (with deep supervision: every method's losses on every head). By default the
+    unlabelled patches join half-way, after the resume; ``+start0``: from the first step."""
     import medunet.training.loop as loop
 
     # validation every epoch whatever its time share, so the counters compare exactly
     ov = {**TINY, "network.deep_supervision": True, "training.val_time_share": 1000}
-    if method.endswith("+start"):
-        method, ov = method.removesuffix("+start"), {**ov, "training.semi.unlabeled_start": 0.5}
+    if method.endswith("+start0"):
+        method, ov = method.removesuffix("+start0"), {**ov, "training.semi.unlabeled_start": 0.0}
     kw = {"epochs": 3, "overrides": ov, "unlabeled": True, "semi": method, **FP32}
     train(data, tmp_path / "a", **kw)
     save = loop.Loop.save
@@ -758,8 +768,10 @@ def test_unlabelled_data_raises_validation_dice(tmp_path):
         out = tmp_path / f"model_{name}"
         out.mkdir()
         (out / "splits.json").write_text(json.dumps({"seed": 0, **ids}))  # the same split for both
-        batch = 8 if extra else 4  # 4 labelled (+ 4 unlabelled) patches per step
-        res = train(source, out, epochs=20, overrides={**ov, "batch_size": batch}, seed=0, **extra, **FP32)
+        # 4 labelled (+ 4 unlabelled, from the first step) patches per step
+        run_ov = ({**ov, "batch_size": 8, "training.semi.unlabeled_start": 0} if extra
+                  else {**ov, "batch_size": 4})
+        res = train(source, out, epochs=20, overrides=run_ov, seed=0, **extra, **FP32)
         assert json.loads((out / "splits.json").read_text())["val"] == ids["val"]
         dice[name] = res.best_dice
     assert dice["semi"] > dice["labelled"] + 0.02, dice

@@ -774,13 +774,13 @@ def semi_reason(settings: dict, n_unlabeled: int, source: str) -> str:
     extra = " on top of the whole labelled batch" if s["unlabeled_on_top"] else ""
     if s["unlabeled_patch"] < 1:
         extra += f", unlabelled patch edges {s['unlabeled_patch']:g} of the plan's"
+    start = labelled_only_share(s)
+    part = "pseudo-label rounds" if s["method"] == "pseudo" else "rest of the run" if start > 0 else "run"
     text = (f"semi-supervised ({s['method']}) with {n_unlabeled} unlabelled case(s) from {source}; "
             f"unlabelled:labelled patches {s['unlabeled_ratio']:g}:1 per batch{extra}, unlabelled weight "
-            f"{s['consistency']:g} ramped (sigmoid) over the first {100 * s['ramp_up']:g}% of the "
-            f"{'pseudo-label rounds' if s['method'] == 'pseudo' else 'rest of the run'}")
-    start = labelled_only_share(s)
+            f"{s['consistency']:g} ramped (sigmoid) over the first {100 * s['ramp_up']:g}% of the {part}")
     if start > 0:
-        text += f"; the first {100 * start:g}% of the run on labelled patches alone"
+        text += f"; the first {100 * start:.3g}% of the run on labelled patches alone"
     if s["method"] in ("mean-teacher", "uamt", "bcp"):
         text += f"; teacher = EMA {s['ema_decay']:g} of the student, validated and saved"
     if s["method"] == "pseudo":

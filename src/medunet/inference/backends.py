@@ -63,6 +63,7 @@ class OnnxBackend:
     """
 
     name = "onnx"
+    PRECISIONS = ("fp32",)  # what --precision may ask of it (int8 is the export's, --int8)
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
         try:
@@ -102,15 +103,16 @@ class OpenVinoBackend:
     """
 
     name = "openvino"
+    PRECISIONS = ("fp32", "bf16")
 
     def __init__(self, path: str | Path, precision: str = "fp32", threads: int | None = None) -> None:
         try:
             import openvino as ov
         except ImportError as exc:
             raise InputError("OpenVINO is not installed", fix="pip install 'medunet[openvino]'") from exc
-        if precision not in ("fp32", "bf16"):
-            raise InputError(f"the OpenVINO backend runs fp32 or bf16, not {precision}",
-                             fix="use --precision fp32, bf16 or auto")
+        if precision not in self.PRECISIONS:
+            raise InputError(f"the OpenVINO backend runs {' or '.join(self.PRECISIONS)}, not {precision}",
+                             fix=f"use --precision {', '.join(self.PRECISIONS)} or auto")
         self.path = Path(path)
         int8 = "int8" in self.path.name
         core = ov.Core()

@@ -51,10 +51,11 @@ __all__ = [
     "prior_channels",
 ]
 BACKENDS = ("torch", "onnx", "openvino")
+# what --precision may ask of each backend that runs the model's ONNX export (``auto``: its best;
+# torch checks its own in resolve_precision)
+EXPORT_PRECISIONS = {b.name: ("auto", *b.PRECISIONS) for b in (OnnxBackend, OpenVinoBackend)}
 # the backends that run the model's ONNX export (MODEL/export/), which their callers make first
-EXPORT_BACKENDS = ("onnx", "openvino")
-# what each export backend can run (``auto``: its best; torch checks its own in resolve_precision)
-EXPORT_PRECISIONS = {"onnx": ("auto", "fp32"), "openvino": ("auto", "fp32", "bf16")}
+EXPORT_BACKENDS = tuple(EXPORT_PRECISIONS)
 # lists, in an output folder, the files medunet's predict wrote there: only those may be overwritten
 PREDICTIONS_MANIFEST = ".medunet-predictions.json"
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")

@@ -494,12 +494,14 @@ class SemiMode(SupervisedMode):
         """Labelled patches (augmented with their labels) and unlabelled ones (the same
         augmentation, drawn independently; with their pseudo-labels for ``pseudo``)."""
         if self.method == "pseudo":
-            return self._draw_pseudo()
-        if self.progress() < self.start:  # the labelled-only part: the plan's whole batch
+            self._enter_round()
+        if self._labelled_only():  # the plan's whole batch
             self.sampler.batch_size = self.plan.batch_size
             return super().draw()
         self.sampler.batch_size = self.n_labelled
         x, y = super().draw()
+        if self.method == "pseudo":
+            return x, y, *self._pseudo_patches()
         u = torch.from_numpy(self.unlabeled.sample()).to(self.device, non_blocking=True)
         dummy = torch.zeros((u.shape[0], *u.shape[2:]), dtype=torch.uint8, device=u.device)
         u, _ = augment_batch(u, dummy, self.plan.training.get("augment"), self.aug_gen)
@@ -512,6 +514,10 @@ class SemiMode(SupervisedMode):
     def start(self) -> float:
         """The share of the run before unlabelled patches join (:func:`labelled_only_share`)."""
         return labelled_only_share(self.s)
+
+    def _labelled_only(self) -> bool:
+        """Before :attr:`start` (to within float error of the progress): labelled patches alone."""
+        return self.progress() < self.start - 1e-9
 
     def ramp_progress(self) -> float:
         """The share of the run the ramp counts: 0 when unlabelled patches join, 1 at the end;
@@ -598,28 +604,21 @@ class SemiMode(SupervisedMode):
         unsup = over_heads(out, target, 1.0 - from_label)
         return _total(sup, unsup, w)
 
-    def _draw_pseudo(self) -> tuple[torch.Tensor, ...]:
-        """``pseudo``: the plan's whole batch of labelled patches before the first round; then
-        ``n_labelled`` of them plus unlabelled patches with this round's targets."""
-        self._enter_round()
-        if self.pseudo_round == 0:
-            self.sampler.batch_size = self.plan.batch_size
-            return super().draw()
-        self.sampler.batch_size = self.n_labelled
-        x, y = super().draw()
+    def _pseudo_patches(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pseudo``: unlabelled patches with this round's targets, augmented together."""
         u, yu = self.pseudo_sampler.sample()
         ut = torch.from_numpy(u).to(self.device, non_blocking=True)
         yt = torch.from_numpy(yu).to(self.device, non_blocking=True)
         ut, yt = augment_batch(ut, yt, self.plan.training.get("augment"), self.aug_gen)
-        return x, y, ut.contiguous(memory_format=memory_format(self.plan.dim)), yt.long()
+        return ut.contiguous(memory_format=memory_format(self.plan.dim)), yt.long()
 
     def _enter_round(self) -> None:
         """Entering a pseudo-label round (the run's share done says which) freezes the current
         (EMA) model and predicts the round's targets with it; a resumed round predicts them
         again with its restored frozen model."""
         rounds, start = int(self.s["pseudo_rounds"]), self.start
-        done = self.progress() - start
-        now = 0 if done < -1e-9 else min(rounds, 1 + int(math.floor(done / (1.0 - start) * rounds + 1e-9)))
+        done = (self.progress() - start) / (1.0 - start)
+        now = 0 if self._labelled_only() else min(rounds, 1 + int(math.floor(done * rounds + 1e-9)))
         if now > self.pseudo_round or (now and self.pseudo_net is None):
             self.pseudo_round = now
             self.pseudo_net = _frozen(self.eval_net)

@@ -66,6 +66,20 @@ def test_count_metrics_and_volumes_by_hand():
     assert m["volume_diff"] == 1.0 and m["rel_volume_diff"] == 0.5
 
 
+def test_case_dice_and_paired_p_by_hand():
+    from medunet.evaluation.metrics import case_dice, paired_p
+    # counts (tp, fp, fn) per class; case 1: fg Dice 2*3/(6+1+1) = 0.75, case 2: empty -> 1
+    counts = np.array([[[0, 3], [0, 1], [0, 1]], [[0, 0], [0, 0], [0, 0]]])
+    assert case_dice(counts) == approx([0.75, 1.0])
+    # differences 0.1, 0.2, 0.3: t = 0.2 / (0.1 / sqrt 3) = sqrt 12 with 2 degrees of freedom,
+    # where the t distribution's CDF is 1/2 + t / (2 sqrt(2 + t^2)): p = 1/2 - sqrt 12 / (2 sqrt 14)
+    assert paired_p([0.6, 0.7, 0.8], [0.5, 0.5, 0.5]) == approx(0.5 - math.sqrt(12) / (2 * math.sqrt(14)))
+    assert paired_p([0.5, 0.5, 0.5], [0.6, 0.7, 0.8]) > 0.9  # worse: one-sided
+    assert paired_p([0.9], [0.1]) == 1.0  # one case shows nothing
+    assert paired_p([0.5, 0.6], [0.5, 0.6]) == 1.0  # no difference
+    assert paired_p([0.7, 0.8], [0.6, 0.7]) == 0.0  # every case gains the same: no spread
+
+
 def test_surface_distances_by_hand():
     # one-row images: every foreground pixel is a surface pixel (rows above/below are outside)
     gt = np.zeros((1, 8), int)

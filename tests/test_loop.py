@@ -63,7 +63,8 @@ class FakeMode(Mode):
 
 
 class ScriptedValidation(ValidationSet):
-    """Validation whose Dice is scripted per pass (tp = s, fp = fn = 1 - s gives Dice s); a new
+    """Validation whose Dice is scripted per pass (tp = s, fp = fn = 1 - s gives Dice s; a list
+    scripts each case's); a new
     pass starts when the network scored or the loop's epoch changes. Each case costs
     ``case_cost`` seconds of the fake clock."""
 
@@ -81,6 +82,7 @@ class ScriptedValidation(ValidationSet):
         self.clock.now += self.case_cost
         self.scored.append(i)
         s = self.scores[min(len(self.passes) - 1, len(self.scores) - 1)]
+        s = s[i] if isinstance(s, (list, tuple)) else s  # one score per case, or one for all
         return np.array([[0, s], [0, 1 - s], [0, 1 - s]])
 
 
@@ -114,23 +116,28 @@ def test_epochs_log_checkpoints_and_lr(tmp_path):
     assert [float(r["val_dice"]) for r in rows] == pytest.approx([0.2, 0.5, 0.4])
     assert rows[0]["aux"] == "2.0" and float(rows[0]["train_loss"]) == pytest.approx((1 + 1 / 2) / 2)
     assert loop.mode.lrs == pytest.approx([(1 - i / 6) ** 0.9 for i in range(6)])  # poly by iterations
-    best = torch.load(tmp_path / "checkpoint_best.pt", weights_only=True)
     last = torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)
-    assert best["state"]["epoch"] == 2 and best["state"]["best_dice"] == pytest.approx(0.5)
     assert last["state"]["epoch"] == 3 and last["steps"] == 6
     assert (tmp_path / "curves.png").is_file()
-    assert not (tmp_path / "selection.json").exists()  # every epoch scored every case
+    # epoch 2's 0.5 was one validation's luck: the full set scores its weights as the last ones
+    # (0.4), so checkpoint_best.pt serves the last weights
+    choice = json.loads((tmp_path / "selection.json").read_text())
+    assert choice["best_epoch"] == 2 and choice["best_dice"] == pytest.approx(0.4) == choice["last_dice"]
+    assert choice["chosen"] == "last" and choice["p_best_better"] == 1.0
+    best = torch.load(tmp_path / "checkpoint_best.pt", weights_only=True)
+    assert best["state"]["epoch"] == 3 and best["state"]["best_dice"] == pytest.approx(0.4)
 
 
 def test_early_stopping_counts_only_after_patience_after(tmp_path):
     clock = Clock()
     plan = _plan(patience=2, patience_after=0.5, epochs=10)
-    loop = _loop(tmp_path, clock, [0.9, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1], plan=plan)
+    # six validations, then the final full-set pass of epoch 1's weights (0.9 on every case)
+    loop = _loop(tmp_path, clock, [0.9, 0.1, 0.1, 0.1, 0.1, 0.1, 0.9], plan=plan)
     loop.run("test", progress=False)
     # epochs 2-5 are before half of 10 epochs (by iterations: 0.2 .. 0.5 at the check):
     # the patience counts from epoch 5 (progress 0.5) and ends the run after epoch 6
     assert loop.state.stopped_early and loop.state.epoch == 6
-    assert loop.state.best_dice == pytest.approx(0.9)
+    assert loop.state.best_dice == pytest.approx(0.9)  # the best weights, kept: better on every case
 
 
 def test_budget_stops_before_overrunning(tmp_path):
@@ -218,6 +225,29 @@ def test_validation_of_few_slow_cases_runs_every_few_epochs(tmp_path):
     loop, _ = _share_loop(tmp_path, 40, 1.0)
     _, n = loop.validate_share()
     assert n == 5 and loop.state.val_every == 4
+
+
+@pytest.mark.parametrize("best_cases, chosen", [
+    ([0.9, 0.5, 0.65], "last"),  # better on average (0.683 against 0.6), not case by case: p = 0.27
+    ([0.75, 0.7], "last"),  # better on both of two cases, by 0.15 and 0.1: t = 5, 1 d.o.f., p = 0.063
+    ([0.7, 0.66, 0.72, 0.69], "best"),  # better on every one of four cases: p < 0.001
+])
+def test_final_choice_keeps_the_best_only_when_it_is_better_case_by_case(tmp_path, best_cases, chosen):
+    clock = Clock()
+    n = len(best_cases)
+    # validations: epoch 1 (the best by score), epoch 2 (the last); then the full-set passes of
+    # the last weights (epoch 2's pass again) and of the best weights
+    val = ScriptedValidation(n, [0.9, [0.6] * n, list(best_cases)], clock)
+    loop = _bind(Loop(FakeMode(clock), _plan(epochs=2), tmp_path, val, torch.device("cpu"), "fp32", epochs=2,
+                      clock=clock))
+    loop.run("test", progress=False)
+    choice = json.loads((tmp_path / "selection.json").read_text())
+    assert choice["best_epoch"] == 1 and choice["last_dice"] == pytest.approx(0.6)
+    assert choice["best_dice"] == pytest.approx(float(np.mean(best_cases)))
+    assert choice["chosen"] == chosen and (choice["p_best_better"] < 0.05) == (chosen == "best")
+    served = torch.load(tmp_path / "checkpoint_best.pt", weights_only=True)["state"]["epoch"]
+    assert served == (1 if chosen == "best" else 2)
+    assert loop.state.best_dice == pytest.approx(choice[f"{chosen}_dice"])
 
 
 def test_small_validation_sets_are_scored_whole(tmp_path):

@@ -37,7 +37,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, stats
 
 #: Metric names per case and class, in display order.
 COUNT_METRICS: tuple[str, ...] = (
@@ -87,6 +87,22 @@ def pooled_dice(counts: np.ndarray) -> list[float]:
     tp, fp, fn = counts
     denom = 2 * tp + fp + fn
     return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 1.0)[1:].tolist()
+
+
+def case_dice(counts: np.ndarray) -> np.ndarray:
+    """Per case, the mean over foreground classes of its Dice, from counts ``(cases, 3, K)``."""
+    return np.array([float(np.mean(pooled_dice(c))) for c in counts])
+
+
+def paired_p(a: Sequence[float], b: Sequence[float]) -> float:
+    """p-value of a one-sided paired t-test that ``a`` is greater than ``b`` (case by case): 1
+    with fewer than two pairs or no difference, 0 when every pair gains the same amount."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if d.size < 2 or not d.any():
+        return 1.0
+    if np.ptp(d) < 1e-9:  # no spread (to rounding): the t statistic is infinite
+        return 0.0 if d.mean() > 0 else 1.0
+    return float(stats.ttest_rel(a, b, alternative="greater").pvalue)
 
 
 def volume_metrics(n_gt: int, n_pred: int, spacing: Sequence[float]) -> dict[str, float]:

@@ -29,7 +29,7 @@ from torch import nn
 
 from medunet.augment import augment_batch
 from medunet.errors import InputError
-from medunet.evaluation.metrics import class_counts, pooled_dice
+from medunet.evaluation.metrics import case_dice, class_counts, paired_p, pooled_dice
 from medunet.inference.network import sliding_window_inference
 from medunet.planning import Plan
 from medunet.runtime import autocast, memory_format
@@ -42,6 +42,9 @@ from medunet.training.schedule import learning_rate
 VAL_TIME_SHARE = 0.15  # plan default of training.val_time_share: validation's share of the time
 VAL_MIN_CASES = 5  # plan default of training.val_min_cases: never score fewer cases than this
 PATIENCE_AFTER = 0.5  # plan default of training.patience_after: share of the run before patience counts
+# the best-by-validation weights replace the last ones at the end only when a one-sided paired
+# t-test over the validation cases says they are better at this level (Loop.final_choice)
+KEEP_BEST_P = 0.05
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
 
 
@@ -313,9 +316,9 @@ class Loop:
 
     def final_seconds(self) -> float:
         """Time the full-set scoring at the end (:meth:`final_choice`) will take: two passes
-        over every validation case when epochs score a subset, else nothing."""
+        over every validation case (the last and the best weights)."""
         n_all, n = len(self.val), self.state.val_cases
-        if not n or (n >= n_all and self.state.val_every == 1):
+        if not n:
             return 0.0
         return 2 * n_all * self.val_seconds / n
 
@@ -500,19 +503,33 @@ class Loop:
             counts += self.val.counts(net, i, self.plan, self.device, self.precision)
         return self.dist.all_sum(counts)
 
+    def _case_counts(self, net: nn.Module) -> np.ndarray:
+        """Counts ``(cases, 3, K)`` of every validation case, each rank scoring its share."""
+        counts = np.zeros((len(self.val), 3, self.plan.num_classes))
+        for i in range(self.dist.rank, len(self.val), self.dist.world):
+            counts[i] = self.val.counts(net, i, self.plan, self.device, self.precision)
+        return self.dist.all_sum(counts)
+
     def final_choice(self, display: LiveDisplay | None = None) -> dict | None:
-        """Score the full validation set for the best-by-subset checkpoint and the last weights,
-        and keep the better as ``checkpoint_best.pt`` (``selection.json`` says which and why).
-        Nothing to do when every epoch already scored every case."""
+        """Choose what ``checkpoint_best.pt`` serves: the best-by-validation weights or the last
+        ones, both scored on the full validation set (``selection.json`` says which and why).
+
+        The best epoch's score is the highest of many noisy validations, often of two or three
+        cases, so it flatters its weights, while a decaying learning rate trains the last ones
+        longest (and, in semi-supervised runs, most on the unlabelled term). The best weights are
+        kept only when the validation cases show them better case by case: a one-sided paired
+        t-test of their Dice against the last weights' at p < :data:`KEEP_BEST_P`. With fewer
+        than two cases nothing can be shown, and the last weights are kept."""
         n_all = len(self.val)
-        if self.state.val_cases >= n_all and self.state.val_every == 1:
+        if not n_all:
             return None
         net = self.mode.eval_net
         best_path = self.run_dir / "checkpoint_best.pt"
         self.dist.barrier()  # rank 0 has written checkpoint_best.pt
-        last = pooled_dice(self._score(net))
+        last = self._case_counts(net)
         choice = {"cases": n_all, "subset_cases": self.state.val_cases, "val_every": self.state.val_every,
-                  "last_dice": float(np.mean(last)), "last_epoch": self.state.epoch}
+                  "last_dice": float(np.mean(pooled_dice(last.sum(0)))), "last_epoch": self.state.epoch,
+                  "rule": f"best only if better case by case (one-sided paired t-test, p < {KEEP_BEST_P:g})"}
         keep_last = True
         if best_path.is_file():
             ckpt = torch.load(best_path, map_location=self.device, weights_only=True)
@@ -522,8 +539,10 @@ class Loop:
             else:
                 best_net = copy.deepcopy(net)
                 best_net.load_state_dict(ckpt["ema_model"] if ckpt.get("ema_model") else ckpt["model"])
-                choice["best_dice"] = float(np.mean(pooled_dice(self._score(best_net))))
-            keep_last = choice["last_dice"] > choice["best_dice"]
+                best = self._case_counts(best_net)
+                choice["best_dice"] = float(np.mean(pooled_dice(best.sum(0))))
+                choice["p_best_better"] = paired_p(case_dice(best), case_dice(last))
+                keep_last = not choice["p_best_better"] < KEEP_BEST_P
         choice["chosen"] = "last" if keep_last else "best"
         # the run reports the full-set score of what checkpoint_best.pt now holds
         self.state.best_dice = choice["last_dice"] if keep_last else choice["best_dice"]
@@ -531,11 +550,10 @@ class Loop:
             self.save(best=True)
         if self.dist.main:
             write_json(self.run_dir / "selection.json", choice)
-        if display is not None:
-            best_text = (f", best-by-subset {choice['best_dice']:.4f} (epoch {choice['best_epoch']})"
-                         if "best_dice" in choice else "")
-            display.epoch_line(f"full validation ({n_all} cases): last {choice['last_dice']:.4f}{best_text}: "
-                               f"keeping {choice['chosen']}")
+        if display is not None and "p_best_better" in choice:
+            display.epoch_line(f"full validation ({n_all} cases): last {choice['last_dice']:.4f}, best "
+                               f"{choice['best_dice']:.4f} (epoch {choice['best_epoch']}, p = "
+                               f"{choice['p_best_better']:.2g}): keeping {choice['chosen']}")
         return choice
 
     def _row(self, parts: dict[str, list[float]], dice: list[float] | None, n_val: int, seconds: float,

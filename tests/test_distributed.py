@@ -120,7 +120,7 @@ def test_two_ranks_write_once_and_checkpoints_move_between_rank_counts(ddp_data,
     assert ckpt["state"]["iteration"] == 4 and not (model / ".train.lock").exists()
     assert sorted(p.name for p in model.iterdir() if not p.name.startswith(".")) == [
         "checkpoint_best.pt", "checkpoint_last.pt", "curves.png", "log.csv", "plan.json", "preprocessed",
-        "splits.json"]
+        "selection.json", "splits.json"]
     # a 2-rank checkpoint resumes in one process, and that one again on 2 ranks
     one = subprocess.run(_train_cmd(ddp_data, model, "--epochs", "2", "--resume"), env=_env(),
                          capture_output=True, text=True, timeout=300)

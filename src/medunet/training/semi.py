@@ -74,7 +74,8 @@ from medunet.training.sampler import PatchSampler
 
 METHODS = ("mean-teacher", "uamt", "cps", "bcp", "pseudo")
 # Measured by bench/semisup.py (Left Atrium, 8 and 16 labels, 30-minute CPU budget; BENCHMARKS.md):
-# level with pseudo-label rounds at 16 labels, ahead at 8.
+# level with pseudo-label rounds at 16 labels, ahead at 8; ahead of uamt, bcp and cps at 8 labels
+# and of bcp at 16 (last weights, one seed each).
 DEFAULT_METHOD = "mean-teacher"
 # The labelled-only share of a run before unlabelled patches join (methods other than pseudo).
 # Measured with mean teacher (bench/semisup.py, Left Atrium, 30 minutes): 0.5 against 0 raised

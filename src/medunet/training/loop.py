@@ -475,7 +475,7 @@ class Loop:
         net = self.mode.eval_net
         if self.state.val_cases:
             n = self.state.val_cases
-            return pooled_dice(self._score(net, self.val_order[:n])), n
+            return pooled_dice(self._case_counts(net, self.val_order[:n]).sum(0)), n
         share = float(t.get("val_time_share", VAL_TIME_SHARE))
         n_all = len(self.val)
         n_min = min(n_all, int(t.get("val_min_cases", VAL_MIN_CASES)))
@@ -495,19 +495,12 @@ class Loop:
         self.state.val_every = int(self.dist.all_sum(np.array([every if self.dist.main else 0]))[0])
         return pooled_dice(counts), n
 
-    def _score(self, net: nn.Module, cases: Sequence[int] | None = None) -> np.ndarray:
-        """Summed counts of ``cases`` (default: all), each rank scoring its share."""
+    def _case_counts(self, net: nn.Module, cases: Sequence[int] | None = None) -> np.ndarray:
+        """Counts ``(len(cases), 3, K)`` of ``cases`` (default: all), each rank scoring its share."""
         cases = list(range(len(self.val))) if cases is None else list(cases)
-        counts = np.zeros((3, self.plan.num_classes))
-        for i in cases[self.dist.rank:: self.dist.world]:
-            counts += self.val.counts(net, i, self.plan, self.device, self.precision)
-        return self.dist.all_sum(counts)
-
-    def _case_counts(self, net: nn.Module) -> np.ndarray:
-        """Counts ``(cases, 3, K)`` of every validation case, each rank scoring its share."""
-        counts = np.zeros((len(self.val), 3, self.plan.num_classes))
-        for i in range(self.dist.rank, len(self.val), self.dist.world):
-            counts[i] = self.val.counts(net, i, self.plan, self.device, self.precision)
+        counts = np.zeros((len(cases), 3, self.plan.num_classes))
+        for j in range(self.dist.rank, len(cases), self.dist.world):
+            counts[j] = self.val.counts(net, cases[j], self.plan, self.device, self.precision)
         return self.dist.all_sum(counts)
 
     def final_choice(self, display: LiveDisplay | None = None) -> dict | None:

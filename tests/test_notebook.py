@@ -41,7 +41,7 @@ def test_quickstart_notebook_runs(tmp_path):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-    assert "best validation Dice" in text and "mean test Dice" in text
+    assert "validation Dice" in text and "weights, epoch" in text and "mean test Dice" in text
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 2  # the data preview and the prediction overlays
     assert (tmp_path / "out" / "model" / "plan.json").is_file()

@@ -228,12 +228,12 @@ def train(
                              fix="--folds N trains all N folds; --fold K trains one")
         results = train_folds(data, output, n_folds=folds, resume=resume, **kwargs)
         for r in results:
-            out.print(f"{r.model_dir.name}: best validation Dice {r.best_dice:.4f} after {r.epochs} epochs")
+            out.print(f"{r.model_dir.name}: {r.summary}")
         out.print(f"{len(results)} folds in {output}; predict with it to ensemble them")
         return
     result = run_train(data, output, resume=resume, fold=fold, **kwargs)
-    out.print(f"best validation Dice {result.best_dice:.4f} after {result.epochs} epochs "
-              f"({result.iterations} steps, {result.seconds:.0f}s); model in {result.model_dir}")
+    out.print(f"{result.summary} ({result.iterations} steps, {result.seconds:.0f}s); "
+              f"model in {result.model_dir}")
 
 
 @app.command()

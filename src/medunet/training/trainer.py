@@ -48,6 +48,23 @@ class TrainResult:
     iterations: int
     seconds: float
     history: list[dict] = field(default_factory=list)
+    served: str = ""  # what checkpoint_best.pt holds ("last weights, epoch 34"); "": no validation
+
+    @property
+    def summary(self) -> str:
+        """One line for people: the validation score of the weights the model directory serves."""
+        which = f" ({self.served})" if self.served else ""
+        return f"validation Dice {self.best_dice:.4f}{which} after {self.epochs} epochs"
+
+
+def _served(run_dir: Path) -> str:
+    """What ``selection.json`` (written by :meth:`Loop.final_choice`) says the run serves."""
+    path = run_dir / "selection.json"
+    if not path.is_file():
+        return ""
+    c = json.loads(path.read_text())
+    epoch = c.get("best_epoch") if c["chosen"] == "best" else c.get("last_epoch")
+    return f"{c['chosen']} weights, epoch {epoch}"
 
 
 def _split(model_dir: Path, cases: list[Case], val_fraction: float, seed: int) -> dict:
@@ -355,7 +372,7 @@ def _train(data: str | Path, parent: Path, run_dir: Path, fold: int | str | None
         validation_report(run_dir, dataset, split["val"], device=device, precision=precision)
     state = loop.state
     return TrainResult(run_dir, state.best_dice if math.isfinite(state.best_dice) else float("nan"),
-                       state.epoch, state.iteration, loop.elapsed(), loop.history)
+                       state.epoch, state.iteration, loop.elapsed(), loop.history, _served(run_dir))
 
 
 def _loss(plan: Plan, net: torch.nn.Module) -> torch.nn.Module:

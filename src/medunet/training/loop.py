@@ -274,6 +274,7 @@ class Loop:
     clock: Callable[[], float] = time.perf_counter
     state: RunState = field(default_factory=RunState)
     history: list[dict] = field(default_factory=list)
+    selection: dict | None = None  # final_choice's result (selection.json), once the run ended
     val_seconds: float = 0.0
     step_seconds: float = 0.0
 
@@ -541,6 +542,7 @@ class Loop:
         self.state.best_dice = choice["last_dice"] if keep_last else choice["best_dice"]
         if keep_last:
             self.save(best=True)
+        self.selection = choice
         if self.dist.main:
             write_json(self.run_dir / "selection.json", choice)
         if display is not None and "p_best_better" in choice:

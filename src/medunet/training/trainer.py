@@ -57,14 +57,12 @@ class TrainResult:
         return f"validation Dice {self.best_dice:.4f}{which} after {self.epochs} epochs"
 
 
-def _served(run_dir: Path) -> str:
-    """What ``selection.json`` (written by :meth:`Loop.final_choice`) says the run serves."""
-    path = run_dir / "selection.json"
-    if not path.is_file():
+def _served(choice: dict | None) -> str:
+    """:meth:`Loop.final_choice`'s choice in words ("" when the run had no validation cases)."""
+    if choice is None:
         return ""
-    c = json.loads(path.read_text())
-    epoch = c.get("best_epoch") if c["chosen"] == "best" else c.get("last_epoch")
-    return f"{c['chosen']} weights, epoch {epoch}"
+    epoch = choice["best_epoch"] if choice["chosen"] == "best" else choice["last_epoch"]
+    return f"{choice['chosen']} weights, epoch {epoch}"
 
 
 def _split(model_dir: Path, cases: list[Case], val_fraction: float, seed: int) -> dict:
@@ -372,7 +370,7 @@ def _train(data: str | Path, parent: Path, run_dir: Path, fold: int | str | None
         validation_report(run_dir, dataset, split["val"], device=device, precision=precision)
     state = loop.state
     return TrainResult(run_dir, state.best_dice if math.isfinite(state.best_dice) else float("nan"),
-                       state.epoch, state.iteration, loop.elapsed(), loop.history, _served(run_dir))
+                       state.epoch, state.iteration, loop.elapsed(), loop.history, _served(loop.selection))
 
 
 def _loss(plan: Plan, net: torch.nn.Module) -> torch.nn.Module:

@@ -24,13 +24,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit, machine, peer_eval  # noqa: E402
 
 
+def validation_by_epoch(log: Path) -> dict[int, float | None]:
+    """``log.csv``'s validation Dice per epoch; None where the epoch was not validated (with
+    ``val_every`` > 1 the cell is empty)."""
+    with log.open(newline="") as f:
+        return {int(r["epoch"]): float(r["val_dice"]) if r["val_dice"] else None for r in csv.DictReader(f)}
+
+
 def score(run: Path, labels: Path) -> dict:
     """Test Dice and HD95 of both checkpoints of ``run``, with their epochs."""
     from medunet.inference import Predictor
 
-    with (run / "model" / "log.csv").open(newline="") as f:
-        val = [float(r["val_dice"]) for r in csv.DictReader(f)]
-    row: dict = {"run": str(run), "epochs": len(val)}
+    val = validation_by_epoch(run / "model" / "log.csv")
+    row: dict = {"run": str(run), "epochs": max(val, default=0)}
     for which in ("best", "last"):
         ckpt = torch.load(run / "model" / f"checkpoint_{which}.pt", map_location="cpu", weights_only=True)
         epoch = int(ckpt["state"]["epoch"])
@@ -38,7 +44,7 @@ def score(run: Path, labels: Path) -> dict:
         Predictor.load(run / "model", checkpoint=which).predict(run / "data" / "imagesTs", preds,
                                                                 progress=False, tta="none")
         mean = peer_eval(preds, labels)["mean"]
-        row[which] = {"epoch": epoch, "val_dice": val[epoch - 1], "test_dice": mean["dice"],
+        row[which] = {"epoch": epoch, "val_dice": val.get(epoch), "test_dice": mean["dice"],
                       "test_hd95": mean["hd95"]}
     return row
 

@@ -78,7 +78,8 @@ def data(tmp_path_factory) -> Path:
 def test_settings_defaults_plan_keys_and_errors():
     s = semi_settings(None)
     assert s["method"] == "mean-teacher" and s["ema_decay"] == 0.99 and s["unlabeled_ratio"] == 1.0
-    assert s["ramp_up"] == 0.4 and s["consistency"] == 1.0 and s["pseudo_threshold"] == 0.9
+    assert s["ramp_up"] == 0.4 and s["consistency"] == 10.0 and s["pseudo_threshold"] == 0.9
+    assert semi_settings(None, "uamt")["consistency"] == 1.0
     assert semi_settings(None, "bcp")["consistency"] == 0.5  # BCP's alpha
     assert semi_settings({"method": "cps"}, pseudo_threshold=0.8)["pseudo_threshold"] == 0.8
     assert TYPED_SECTIONS["training.semi"] == frozenset(SEMI_DEFAULTS)  # --set knows every key
@@ -407,7 +408,7 @@ def test_the_pseudo_ramp_starts_with_the_first_round(plan):
     assert mode.weight() == pytest.approx(2.0 * math.exp(-1.25))
     progress[0] = 1 / 3 + 0.4 * 2 / 3 + 1e-9
     assert mode.weight() == pytest.approx(2.0)
-    teacher = _mode(plan, "mean-teacher", ramp_up=0.4)
+    teacher = _mode(plan, "mean-teacher", ramp_up=0.4, consistency=1.0)
     teacher.progress = lambda: 0.2
     assert teacher.weight() == pytest.approx(math.exp(-1.25))
 

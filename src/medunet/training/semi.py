@@ -20,7 +20,7 @@ Methods (``training.semi.method``):
 
 - ``mean-teacher`` (Tarvainen & Valpola 2017): the teacher is the EMA of the student
   (``ema_decay``); the student's softmax on an unlabelled patch is pulled (squared distance,
-  weighted 10: :data:`METHOD_WEIGHTS`) towards the teacher's on a perturbed copy (noise, flips,
+  weighted by :data:`METHOD_WEIGHTS`) towards the teacher's on a perturbed copy (noise, flips,
   intensity; flips undone on the output).
 - ``uamt`` (Yu et al. 2019, uncertainty-aware mean teacher): as mean teacher, but the teacher's
   prediction is the mean of ``uncertainty_passes`` Monte-Carlo passes (input noise and dropout
@@ -87,7 +87,7 @@ DEFAULT_START = 0.5
 # squared distances of probabilities (mean teacher, UA-MT), cross-entropies (CPS, pseudo-labels)
 # and BCP's weight of the unlabelled regions (alpha = 0.5 in the paper). A squared distance
 # averaged over every voxel is small where most voxels are confident background on which student
-# and teacher agree: at weight 1 mean teacher's term was 3-7 % of the loss and at 16 Left Atrium
+# and teacher agree: at weight 1 mean teacher's term was 3-10 % of the loss and at 16 Left Atrium
 # labels it scored 0.18 points below the labelled cases alone; at 10 it drew level (+0.04, two
 # seeds) and stayed within 0.1 points of weight 1 at 8 labels (three seeds; bench/semisup.py,
 # BENCHMARKS.md, issue 20). The mean-teacher authors' code weighs its squared distance up to 100

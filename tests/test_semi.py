@@ -96,6 +96,11 @@ def test_settings_defaults_plan_keys_and_errors():
         semi_settings({"unlabeled_on_top": "yes"})
     with pytest.raises(InputError, match="bcp pastes boxes"):
         semi_settings({"unlabeled_patch": 0.5}, "bcp")
+    assert s["mix"] == "none" and semi_settings({"mix": "cutmix"}, "uamt")["mix"] == "cutmix"
+    with pytest.raises(InputError, match="mix = 'mixup' is not one of none, cutmix"):
+        semi_settings({"mix": "mixup"})
+    with pytest.raises(InputError, match="is for mean-teacher and uamt, not cps"):
+        semi_settings({"mix": "cutmix"}, "cps")
     # the labelled-only first part: half the run by default, pseudo's first part, or as given
     assert s["unlabeled_start"] is None and labelled_only_share(s) == DEFAULT_START == 0.5
     assert labelled_only_share(semi_settings({"pseudo_rounds": 3}, "pseudo")) == 0.25
@@ -299,6 +304,43 @@ def test_the_teacher_is_exactly_the_ema_of_the_student(plan):
     for e, s in zip(mode.ema.module.buffers(), mode.net.buffers(), strict=True):  # BN statistics copied
         assert torch.equal(e, s)
     assert mode.eval_net is mode.ema.module and mode.checkpoint()["ema_model"] is not None
+
+
+@pytest.mark.parametrize("method", ["mean-teacher", "uamt"])
+def test_cutmix_student_sees_two_patches_mixed_and_learns_the_teachers_mixed(plan, method):
+    """``mix = "cutmix"``: two unlabelled patches per slot; the student's input is the second
+    inside the box and the first outside, and its target the teacher's prediction of each
+    patch on its own, mixed by the same box (replayed here with the same random state)."""
+    mode = _mode(plan, method, mix="cutmix", ramp_up=0.0, consistency=1.0, uncertainty_passes=2)
+    mode.train()
+    x, y, u = mode.draw()
+    n_l, n_u = batch_split(plan.batch_size, 1.0)
+    assert x.shape[0] == n_l and u.shape[0] == 2 * n_u
+    state = mode.semi_gen.get_state()
+    _, parts = mode.losses(x, y, u)
+    mode.semi_gen.set_state(state)
+    box = box_mask(n_u, u.shape[2:], 2 / 3, mode.semi_gen)
+    assert 0 < box.float().mean() < 1
+    mixed = torch.where(box.unsqueeze(1), u[n_u:], u[:n_u])
+    teacher = mode.ema.module
+    if method == "uamt":
+        probs, entropy = mc_predict(teacher, u, 2, 0.1, 0.5, mode.semi_gen, plan.num_classes)
+        mask = entropy < math.log(plan.num_classes)  # ramp_up 0: the threshold's end value at once
+        mask = torch.where(box, mask[n_u:], mask[:n_u])
+    else:
+        with torch.no_grad(), batch_statistics(teacher):
+            tu, flips = perturb(u, mode.semi_gen, 0.1)
+            probs = unflip(torch.softmax(teacher(tu).float(), 1), flips)
+        mask = None
+    target = torch.where(box.unsqueeze(1), probs[n_u:], probs[:n_u])
+    with torch.no_grad():
+        _, student_u = forward_pair(mode.train_net, x, mixed)
+    want = consistency_loss(student_u[0], target, mask)
+    assert parts["unlabeled_loss"] == pytest.approx(float(want), rel=1e-5)
+    # not the loss of the unmixed first patches
+    with torch.no_grad():
+        _, plain = forward_pair(mode.train_net, x, u[:n_u])
+    assert float(consistency_loss(plain[0], probs[:n_u], mask)) != pytest.approx(float(want), rel=1e-3)
 
 
 def test_cps_trains_two_differently_initialised_networks(plan):
@@ -580,7 +622,7 @@ def test_3d_through_the_same_code(tmp_path, method):
 # resume
 
 
-@pytest.mark.parametrize("method", [*METHODS, "mean-teacher+start0"])
+@pytest.mark.parametrize("method", [*METHODS, "mean-teacher+start0", "mean-teacher+cutmix"])
 def test_an_interrupted_run_resumes_to_the_same_state(data, tmp_path, method, monkeypatch):
     """Stopped right after epoch 1's checkpoint, the same call with ``resume`` ends with the
     networks, EMA/teacher, second network, frozen pseudo-label model and counters of a run never
@@ -592,6 +634,9 @@ def test_an_interrupted_run_resumes_to_the_same_state(data, tmp_path, method, mo
     ov = {**TINY, "network.deep_supervision": True, "training.val_time_share": 1000}
     if method.endswith("+start0"):
         method, ov = method.removesuffix("+start0"), {**ov, "training.semi.unlabeled_start": 0.0}
+    if method.endswith("+cutmix"):  # from the first step, so the mixed patches run after the resume
+        method = method.removesuffix("+cutmix")
+        ov = {**ov, "training.semi.unlabeled_start": 0.0, "training.semi.mix": "cutmix"}
     kw = {"epochs": 3, "overrides": ov, "unlabeled": True, "semi": method, **FP32}
     train(data, tmp_path / "a", **kw)
     save = loop.Loop.save

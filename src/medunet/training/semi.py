@@ -21,7 +21,11 @@ Methods (``training.semi.method``):
 - ``mean-teacher`` (Tarvainen & Valpola 2017): the teacher is the EMA of the student
   (``ema_decay``); the student's softmax on an unlabelled patch is pulled (squared distance,
   weighted by :data:`METHOD_WEIGHTS`) towards the teacher's on a perturbed copy (noise, flips,
-  intensity; flips undone on the output).
+  intensity; flips undone on the output). With ``mix = "cutmix"`` (French et al. 2020) the
+  student sees two unlabelled patches mixed by a box (``bcp_box`` of each edge) and learns the
+  teacher's predictions on the two, mixed by the same box: a perturbation that changes the
+  context every voxel is predicted from, where flips, noise and intensity hardly change a
+  segmentation network's output (mean teacher's term was 3-10 % of the loss at weight 1).
 - ``uamt`` (Yu et al. 2019, uncertainty-aware mean teacher): as mean teacher, but the teacher's
   prediction is the mean of ``uncertainty_passes`` Monte-Carlo passes (input noise and dropout
   before the segmentation head), and only voxels whose predictive entropy is below a threshold
@@ -112,8 +116,10 @@ SEMI_DEFAULTS: dict = {
     # pseudo: each class also keeps this share of its predicted voxels (its most confident; 0: off)
     "pseudo_class_share": 0.0,
     "pseudo_rounds": 2,  # pseudo: rounds after the labelled-only first part
-    "bcp_box": 2 / 3,  # BCP: edge of the pasted box as a share of the patch edge
+    "bcp_box": 2 / 3,  # BCP and cutmix: edge of the pasted box as a share of the patch edge
+    "mix": "none",  # mean-teacher / uamt: "cutmix" mixes two unlabelled patches for the student
 }
+MIXES = ("none", "cutmix")
 IGNORE = 255  # pseudo-label value of a voxel that is not a target
 
 
@@ -164,6 +170,12 @@ def semi_settings(given: dict | None, method: str | None = None,
     if s["unlabeled_start"] is not None:
         number("unlabeled_start", 0, 1, hi_open=True)
     number("consistency", 0, 1000)
+    if s["mix"] not in MIXES:
+        raise InputError(f"training.semi.mix = {s['mix']!r} is not one of {', '.join(MIXES)}", "plan.json",
+                         f"use {' or '.join(repr(m) for m in MIXES)}")
+    if s["mix"] != "none" and s["method"] not in ("mean-teacher", "uamt"):
+        raise InputError(f"training.semi.mix = {s['mix']!r} is for mean-teacher and uamt, not {s['method']}",
+                         "plan.json", "use training.semi.mix = 'none' with this method")
     number("ema_decay", 0, 1, lo_open=True, hi_open=True)
     number("noise", 0, 10)
     number("dropout", 0, 1, hi_open=True)
@@ -510,10 +522,17 @@ class SemiMode(SupervisedMode):
         x, y = super().draw()
         if self.method == "pseudo":
             return x, y, *self._pseudo_patches()
-        u = torch.from_numpy(self.unlabeled.sample()).to(self.device, non_blocking=True)
+        u = self.unlabeled.sample()
+        if self._mixing:  # a second patch per unlabelled slot, for the cutmix
+            u = np.concatenate([u, self.unlabeled.sample()])
+        u = torch.from_numpy(u).to(self.device, non_blocking=True)
         dummy = torch.zeros((u.shape[0], *u.shape[2:]), dtype=torch.uint8, device=u.device)
         u, _ = augment_batch(u, dummy, self.plan.training.get("augment"), self.aug_gen)
         return x, y, u.contiguous(memory_format=memory_format(self.plan.dim))
+
+    @property
+    def _mixing(self) -> bool:
+        return self.s.get("mix", "none") == "cutmix"
 
     def weight(self) -> float:
         return float(self.s["consistency"]) * sigmoid_ramp(self.ramp_progress(), float(self.s["ramp_up"]))
@@ -549,7 +568,14 @@ class SemiMode(SupervisedMode):
             return self._cps(x, y, u, w)
         if self.method == "bcp":
             return self._bcp(x, y, u, w)
-        student_x, student_u = forward_pair(self.train_net, x, u)
+        box = None
+        if self._mixing:  # u holds the patches to mix: the first half inside the box's complement
+            half = u.shape[0] // 2
+            box = box_mask(half, u.shape[2:], float(self.s["bcp_box"]), self.semi_gen, u.device)
+            mixed = copy_paste(u[:half], u[half:], box).contiguous(memory_format=memory_format(self.plan.dim))
+            student_x, student_u = forward_pair(self.train_net, x, mixed)
+        else:
+            student_x, student_u = forward_pair(self.train_net, x, u)
         sup = self.loss_fn(_unlist(student_x), y)
         if self.method == "pseudo":
             unsup = over_heads(_unlist(student_u), yu, (yu != IGNORE).float())
@@ -569,6 +595,9 @@ class SemiMode(SupervisedMode):
                 tu, flips = perturb(u, self.semi_gen, float(self.s["noise"]))
                 probs = unflip(torch.softmax(teacher(tu).float(), 1), flips)
             mask = None
+        if box is not None:  # the teacher's predictions of the two patches, mixed as the student's input
+            probs = copy_paste(probs[:half], probs[half:], box)
+            mask = None if mask is None else copy_paste(mask[:half], mask[half:], box)
         unsup = consistency_loss(student_u[0], probs, mask)
         return _total(sup, unsup, w)
 
@@ -788,6 +817,8 @@ def semi_reason(settings: dict, n_unlabeled: int, source: str) -> str:
             f"{s['consistency']:g} ramped (sigmoid) over the first {100 * s['ramp_up']:g}% of the {part}")
     if start > 0:
         text += f"; the first {100 * start:.3g}% of the run on labelled patches alone"
+    if s["mix"] == "cutmix":
+        text += f"; the student sees two unlabelled patches mixed by a box of {s['bcp_box']:.3g} of each edge"
     if s["method"] in ("mean-teacher", "uamt", "bcp"):
         text += f"; teacher = EMA {s['ema_decay']:g} of the student, validated and saved"
     if s["method"] == "pseudo":

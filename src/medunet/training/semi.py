@@ -25,7 +25,9 @@ Methods (``training.semi.method``):
   student sees two unlabelled patches mixed by a box (``bcp_box`` of each edge) and learns the
   teacher's predictions on the two, mixed by the same box: a perturbation that changes the
   context every voxel is predicted from, where flips, noise and intensity hardly change a
-  segmentation network's output (mean teacher's term was 3-10 % of the loss at weight 1).
+  segmentation network's output (mean teacher's term was 3-10 % of the loss at weight 1). Off by
+  default: on the Left Atrium (bench/semisup.py) its term was ~10x plain mean teacher's, a step
+  cost 1.35x, and it scored below plain mean teacher at 16 labels and level at 8.
 - ``uamt`` (Yu et al. 2019, uncertainty-aware mean teacher): as mean teacher, but the teacher's
   prediction is the mean of ``uncertainty_passes`` Monte-Carlo passes (input noise and dropout
   before the segmentation head), and only voxels whose predictive entropy is below a threshold
@@ -95,7 +97,8 @@ DEFAULT_START = 0.5
 # labels it scored 0.18 points below the labelled cases alone; at 10 it drew level (+0.04, two
 # seeds) and stayed within 0.1 points of weight 1 at 8 labels (three seeds; bench/semisup.py,
 # BENCHMARKS.md, issue 20). The mean-teacher authors' code weighs its squared distance up to 100
-# (classification, no background). UA-MT's masked form was not measured at 10.
+# (classification, no background). UA-MT's masked form at 10 (16 labels, one seed) lost its
+# validation Dice (0.87 -> 0.72) as the weight ramped in, so it keeps 1.
 METHOD_WEIGHTS = {"mean-teacher": 10.0, "uamt": 1.0, "cps": 1.0, "bcp": 0.5, "pseudo": 1.0}
 # ``training.semi``: keep the keys equal to planning.plan.TYPED_SECTIONS["training.semi"]
 SEMI_DEFAULTS: dict = {

@@ -535,7 +535,7 @@ class SemiMode(SupervisedMode):
 
     @property
     def _mixing(self) -> bool:
-        return self.s.get("mix", "none") == "cutmix"
+        return self.s["mix"] == "cutmix"
 
     def weight(self) -> float:
         return float(self.s["consistency"]) * sigmoid_ramp(self.ramp_progress(), float(self.s["ramp_up"]))
@@ -572,7 +572,7 @@ class SemiMode(SupervisedMode):
         if self.method == "bcp":
             return self._bcp(x, y, u, w)
         box = None
-        if self._mixing:  # u holds the patches to mix: the first half inside the box's complement
+        if self._mixing:  # u: two patches per slot, the second fills the box, the first the rest
             half = u.shape[0] // 2
             box = box_mask(half, u.shape[2:], float(self.s["bcp_box"]), self.semi_gen, u.device)
             mixed = copy_paste(u[:half], u[half:], box).contiguous(memory_format=memory_format(self.plan.dim))

@@ -26,8 +26,9 @@ Methods (``training.semi.method``):
   teacher's predictions on the two, mixed by the same box: a perturbation that changes the
   context every voxel is predicted from, where flips, noise and intensity hardly change a
   segmentation network's output (mean teacher's term was 3-10 % of the loss at weight 1). Off by
-  default: on the Left Atrium (bench/semisup.py) its term was ~10x plain mean teacher's, a step
-  cost 1.35x, and it scored below plain mean teacher at 16 labels and level at 8.
+  default: on the Left Atrium (bench/semisup.py) its term was ~4x plain mean teacher's, its
+  runs made about as many steps, and it scored below plain mean teacher at 16 labels and level
+  at 8.
 - ``uamt`` (Yu et al. 2019, uncertainty-aware mean teacher): as mean teacher, but the teacher's
   prediction is the mean of ``uncertainty_passes`` Monte-Carlo passes (input noise and dropout
   before the segmentation head), and only voxels whose predictive entropy is below a threshold

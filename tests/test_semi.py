@@ -101,6 +101,11 @@ def test_settings_defaults_plan_keys_and_errors():
         semi_settings({"mix": "mixup"})
     with pytest.raises(InputError, match="is for mean-teacher and uamt, not cps"):
         semi_settings({"mix": "cutmix"}, "cps")
+    assert s["confidence"] == 0.0 and semi_settings({"confidence": 0.9}, "uamt")["confidence"] == 0.9
+    with pytest.raises(InputError, match="confidence = 1 is out of range"):
+        semi_settings({"confidence": 1})
+    with pytest.raises(InputError, match="confidence is for mean-teacher and uamt, not bcp"):
+        semi_settings({"confidence": 0.9}, "bcp")
     # the labelled-only first part: half the run by default, pseudo's first part, or as given
     assert s["unlabeled_start"] is None and labelled_only_share(s) == DEFAULT_START == 0.5
     assert labelled_only_share(semi_settings({"pseudo_rounds": 3}, "pseudo")) == 0.25
@@ -341,6 +346,29 @@ def test_cutmix_student_sees_two_patches_mixed_and_learns_the_teachers_mixed(pla
     with torch.no_grad():
         _, plain = forward_pair(mode.train_net, x, u[:n_u])
     assert float(consistency_loss(plain[0], probs[:n_u], mask)) != pytest.approx(float(want), rel=1e-3)
+
+
+def test_confidence_keeps_the_consistency_to_voxels_the_teacher_is_sure_of(plan):
+    """``confidence``: the term is averaged over the voxels whose teacher probability of the
+    most likely class reaches the threshold (the replayed teacher's), not over all of them."""
+    mode = _mode(plan, "mean-teacher", ramp_up=0.0, consistency=1.0)
+    mode.train()
+    x, y, u = mode.draw()
+    state = mode.semi_gen.get_state()
+    with torch.no_grad(), batch_statistics(mode.ema.module):
+        tu, flips = perturb(u, mode.semi_gen, 0.1)
+        probs = unflip(torch.softmax(mode.ema.module(tu).float(), 1), flips)
+    sure = probs.amax(1)
+    mode.s["confidence"] = float(sure.median())  # about half of the voxels pass
+    mask = sure >= mode.s["confidence"]
+    assert 0.2 < mask.float().mean() < 0.8
+    mode.semi_gen.set_state(state)
+    _, parts = mode.losses(x, y, u)
+    with torch.no_grad():
+        _, student_u = forward_pair(mode.train_net, x, u)
+    sq = ((torch.softmax(student_u[0].float(), 1) - probs) ** 2).sum(1)
+    assert parts["unlabeled_loss"] == pytest.approx(float(sq[mask].mean()), rel=1e-5)
+    assert float(sq[mask].mean()) != pytest.approx(float(sq.mean()), rel=1e-3)
 
 
 def test_cps_trains_two_differently_initialised_networks(plan):

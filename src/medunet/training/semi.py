@@ -122,6 +122,9 @@ SEMI_DEFAULTS: dict = {
     "pseudo_rounds": 2,  # pseudo: rounds after the labelled-only first part
     "bcp_box": 2 / 3,  # BCP and cutmix: edge of the pasted box as a share of the patch edge
     "mix": "none",  # mean-teacher / uamt: "cutmix" mixes two unlabelled patches for the student
+    # mean-teacher / uamt: the consistency counts only voxels whose teacher probability of its
+    # most likely class is at least this (0: every voxel)
+    "confidence": 0.0,
 }
 MIXES = ("none", "cutmix")
 IGNORE = 255  # pseudo-label value of a voxel that is not a target
@@ -180,6 +183,10 @@ def semi_settings(given: dict | None, method: str | None = None,
     if s["mix"] != "none" and s["method"] not in ("mean-teacher", "uamt"):
         raise InputError(f"training.semi.mix = {s['mix']!r} is for mean-teacher and uamt, not {s['method']}",
                          "plan.json", "use training.semi.mix = 'none' with this method")
+    number("confidence", 0, 1, hi_open=True)
+    if s["confidence"] > 0 and s["method"] not in ("mean-teacher", "uamt"):
+        raise InputError(f"training.semi.confidence is for mean-teacher and uamt, not {s['method']}",
+                         "plan.json", "use training.semi.confidence = 0 with this method")
     number("ema_decay", 0, 1, lo_open=True, hi_open=True)
     number("noise", 0, 10)
     number("dropout", 0, 1, hi_open=True)
@@ -602,6 +609,9 @@ class SemiMode(SupervisedMode):
         if box is not None:  # the teacher's predictions of the two patches, mixed as the student's input
             probs = copy_paste(probs[:half], probs[half:], box)
             mask = None if mask is None else copy_paste(mask[:half], mask[half:], box)
+        if self.s["confidence"] > 0:  # soft targets near 0.5 would soften the student's borders
+            sure = probs.amax(1) >= float(self.s["confidence"])
+            mask = sure if mask is None else mask & sure
         unsup = consistency_loss(student_u[0], probs, mask)
         return _total(sup, unsup, w)
 

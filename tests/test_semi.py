@@ -43,6 +43,7 @@ from medunet.training.semi import (
     perturb,
     predict_confidence,
     semi_settings,
+    sharpen,
     sigmoid_ramp,
     threshold_maps,
     unflip,
@@ -106,6 +107,12 @@ def test_settings_defaults_plan_keys_and_errors():
         semi_settings({"confidence": 1})
     with pytest.raises(InputError, match="confidence is for mean-teacher and uamt, not bcp"):
         semi_settings({"confidence": 0.9}, "bcp")
+    assert s["temperature"] == 1.0 and semi_settings({"temperature": 0.5})["temperature"] == 0.5
+    for bad in (0, 1.5):
+        with pytest.raises(InputError, match="temperature = .* is out of range"):
+            semi_settings({"temperature": bad})
+    with pytest.raises(InputError, match="temperature is for mean-teacher and uamt, not pseudo"):
+        semi_settings({"temperature": 0.5}, "pseudo")
     # the labelled-only first part: half the run by default, pseudo's first part, or as given
     assert s["unlabeled_start"] is None and labelled_only_share(s) == DEFAULT_START == 0.5
     assert labelled_only_share(semi_settings({"pseudo_rounds": 3}, "pseudo")) == 0.25
@@ -348,10 +355,12 @@ def test_cutmix_student_sees_two_patches_mixed_and_learns_the_teachers_mixed(pla
     assert float(consistency_loss(plain[0], probs[:n_u], mask)) != pytest.approx(float(want), rel=1e-3)
 
 
-def test_confidence_keeps_the_consistency_to_voxels_the_teacher_is_sure_of(plan):
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_confidence_keeps_the_consistency_to_voxels_the_teacher_is_sure_of(plan, temperature):
     """``confidence``: the term is averaged over the voxels whose teacher probability of the
-    most likely class reaches the threshold (the replayed teacher's), not over all of them."""
-    mode = _mode(plan, "mean-teacher", ramp_up=0.0, consistency=1.0)
+    most likely class reaches the threshold (the replayed teacher's), not over all of them;
+    ``temperature`` < 1: against the teacher's sharpened probabilities."""
+    mode = _mode(plan, "mean-teacher", ramp_up=0.0, consistency=1.0, temperature=temperature)
     mode.train()
     x, y, u = mode.draw()
     state = mode.semi_gen.get_state()
@@ -366,9 +375,21 @@ def test_confidence_keeps_the_consistency_to_voxels_the_teacher_is_sure_of(plan)
     _, parts = mode.losses(x, y, u)
     with torch.no_grad():
         _, student_u = forward_pair(mode.train_net, x, u)
-    sq = ((torch.softmax(student_u[0].float(), 1) - probs) ** 2).sum(1)
+    target = probs ** (1 / temperature) / (probs ** (1 / temperature)).sum(1, keepdim=True)
+    sq = ((torch.softmax(student_u[0].float(), 1) - target) ** 2).sum(1)
     assert parts["unlabeled_loss"] == pytest.approx(float(sq[mask].mean()), rel=1e-5)
     assert float(sq[mask].mean()) != pytest.approx(float(sq.mean()), rel=1e-3)
+    if temperature != 1:  # not the loss against the unsharpened probabilities
+        plain = ((torch.softmax(student_u[0].float(), 1) - probs) ** 2).sum(1)
+        assert float(plain[mask].mean()) != pytest.approx(float(sq[mask].mean()), rel=1e-3)
+
+
+def test_sharpen_by_hand():
+    p = torch.tensor([[0.6, 0.9], [0.4, 0.1]]).reshape(1, 2, 2)  # 2 classes, 2 voxels
+    out = sharpen(p, 0.5)  # squares renormalised: 0.36 / 0.52 and 0.81 / 0.82
+    torch.testing.assert_close(out[0, 0], torch.tensor([0.36 / 0.52, 0.81 / 0.82]))
+    torch.testing.assert_close(out.sum(1), torch.ones(1, 2))
+    torch.testing.assert_close(sharpen(p, 1.0), p)
 
 
 def test_cps_trains_two_differently_initialised_networks(plan):

@@ -125,6 +125,9 @@ SEMI_DEFAULTS: dict = {
     # mean-teacher / uamt: the consistency counts only voxels whose teacher probability of its
     # most likely class is at least this (0: every voxel)
     "confidence": 0.0,
+    # mean-teacher / uamt: the teacher's probabilities sharpened to p^(1/T) / sum (1: as they are);
+    # a student that learns soft targets becomes unsure near borders itself
+    "temperature": 1.0,
 }
 MIXES = ("none", "cutmix")
 IGNORE = 255  # pseudo-label value of a voxel that is not a target
@@ -184,9 +187,11 @@ def semi_settings(given: dict | None, method: str | None = None,
         raise InputError(f"training.semi.mix = {s['mix']!r} is for mean-teacher and uamt, not {s['method']}",
                          "plan.json", "use training.semi.mix = 'none' with this method")
     number("confidence", 0, 1, hi_open=True)
-    if s["confidence"] > 0 and s["method"] not in ("mean-teacher", "uamt"):
-        raise InputError(f"training.semi.confidence is for mean-teacher and uamt, not {s['method']}",
-                         "plan.json", "use training.semi.confidence = 0 with this method")
+    number("temperature", 0, 1, lo_open=True)
+    for key, off in (("confidence", 0), ("temperature", 1)):
+        if s[key] != off and s["method"] not in ("mean-teacher", "uamt"):
+            raise InputError(f"training.semi.{key} is for mean-teacher and uamt, not {s['method']}",
+                             "plan.json", f"use training.semi.{key} = {off} with this method")
     number("ema_decay", 0, 1, lo_open=True, hi_open=True)
     number("noise", 0, 10)
     number("dropout", 0, 1, hi_open=True)
@@ -255,6 +260,13 @@ def consistency_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
         return sq.mean()
     m = mask.float()
     return (sq * m).sum() / m.sum().clamp_min(1.0)
+
+
+def sharpen(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Class probabilities (class axis 1) raised to ``1 / temperature`` and renormalised: below 1
+    each voxel's most likely class gains, its order of classes stays (MixMatch's sharpening)."""
+    logp = torch.log(probs.float().clamp_min(1e-12)) / temperature
+    return torch.softmax(logp, 1)
 
 
 def class_thresholds(confidence: Sequence[np.ndarray], label: Sequence[np.ndarray], num_classes: int,
@@ -612,6 +624,8 @@ class SemiMode(SupervisedMode):
         if self.s["confidence"] > 0:  # soft targets near 0.5 would soften the student's borders
             sure = probs.amax(1) >= float(self.s["confidence"])
             mask = sure if mask is None else mask & sure
+        if self.s["temperature"] != 1:
+            probs = sharpen(probs, float(self.s["temperature"]))
         unsup = consistency_loss(student_u[0], probs, mask)
         return _total(sup, unsup, w)
 

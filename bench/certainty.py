@@ -1,11 +1,11 @@
 """How sure a finished run's model is of its test volumes: uncertain voxels, false positives and negatives.
 
-    python bench/certainty.py RUN [RUN ...] --images ../shared/data/Dataset003_LeftAtrium/imagesTs
-                              --labels ../shared/data/Dataset003_LeftAtrium/labelsTs
+    python bench/certainty.py RUN [RUN ...] --data ../shared/data/Dataset003_LeftAtrium
                               [--cases VDOF02 VQ2L3W] [--checkpoint last] [--out result.json]
 
 RUN is a run directory of a ``bench/`` script (``RUN/model``) or a model directory. Each model
-predicts the probabilities of the test images (``--cases``: only ids starting with these; no TTA).
+predicts the probabilities of the dataset's labelled test cases (imagesTs with labelsTs;
+``--cases``: only ids starting with these; no TTA).
 Why: a semi-supervised student that learns a teacher's soft targets can become less sure near
 the object's border, and a voxel whose foreground probability drifts from 0.3 to 0.6 turns into a
 false positive; counting the voxels with a top-class probability under ``--sure`` (0.9) shows
@@ -42,23 +42,24 @@ def band_counts(probs: np.ndarray, label: np.ndarray, sure: float = 0.9) -> dict
             "fp_median_top": float(np.median(top[fp])) if fp.any() else None}
 
 
-def probe(model: Path, images: Path, labels: Path, cases: list[str] | None, checkpoint: str,
-          sure: float) -> dict:
-    """``band_counts`` of every (chosen) test volume for one model, and their sums."""
+def probe(model: Path, data: Path, cases: list[str] | None, checkpoint: str, sure: float) -> dict:
+    """``band_counts`` of every (chosen) labelled test case of ``data`` for one model, and their sums."""
+    from medunet.datasets import find_dataset, load_case
+    from medunet.errors import InputError
     from medunet.inference import Predictor
-    from medunet.io.image import read_image
 
+    dataset = find_dataset(data)
+    chosen = [c for c in dataset.test if c.label_path is not None
+              and (not cases or any(c.case_id.startswith(p) for p in cases))]
+    if not chosen:
+        raise InputError("no labelled test case (imagesTs with labelsTs) matches", data,
+                         "point --data at a dataset with labelsTs, or widen --cases")
     predictor = Predictor.load(model, checkpoint=checkpoint)
     rows = {}
-    for lab_path in sorted(labels.glob("*.nii.gz")):
-        case = lab_path.name[: -len(".nii.gz")]
-        if cases and not any(case.startswith(c) for c in cases):
-            continue
-        channels = sorted(images.glob(f"{case}_[0-9][0-9][0-9][0-9].nii.gz"))
-        arrays = [read_image(p) for p in channels]
-        image = np.concatenate([a for a, _ in arrays]).astype(np.float32)
-        probs = np.asarray(predictor.predict_probabilities(image, spacing=arrays[0][1].spacing))
-        rows[case] = band_counts(probs, np.squeeze(read_image(lab_path)[0]), sure)
+    for case in chosen:
+        image, label, geom = load_case(case, dataset)
+        probs = np.asarray(predictor.predict_probabilities(image, spacing=geom.spacing))
+        rows[case.case_id] = band_counts(probs, label, sure)
     total = {k: sum(r[k] for r in rows.values()) for k in ("tp", "fp", "fn", "unsure", "unsure_foreground")}
     return {"model": str(model), "cases": rows, "sum": total}
 
@@ -66,8 +67,7 @@ def probe(model: Path, images: Path, labels: Path, cases: list[str] | None, chec
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path)
-    ap.add_argument("--images", type=Path, required=True, help="the test images (imagesTs)")
-    ap.add_argument("--labels", type=Path, required=True, help="the test labels (labelsTs)")
+    ap.add_argument("--data", type=Path, required=True, help="the dataset (its imagesTs and labelsTs)")
     ap.add_argument("--cases", nargs="*", help="only case ids starting with these")
     ap.add_argument("--checkpoint", default="best", choices=("best", "last"),
                     help="best: the weights the model directory serves")
@@ -77,11 +77,17 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for run in args.runs:
         model = run / "model" if (run / "model").is_dir() else run
-        rows.append(probe(model, args.images, args.labels, args.cases, args.checkpoint, args.sure))
+        rows.append(probe(model, args.data, args.cases, args.checkpoint, args.sure))
     result = {"benchmark": "certainty", "machine": machine(), "sure": args.sure, "results": rows}
     emit(result, args.out)
     return result
 
 
 if __name__ == "__main__":
-    main()
+    from medunet.errors import InputError
+
+    try:
+        main()
+    except InputError as e:  # a bad --data or --cases: one line, exit code 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

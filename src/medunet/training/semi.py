@@ -32,7 +32,7 @@ Methods (``training.semi.method``):
   ``confidence`` > 0 keeps the term to voxels the teacher is sure of, and ``temperature`` < 1
   sharpens its probabilities: a student that learns soft targets becomes unsure itself
   (bench/certainty.py: about 200,000 unsure Left Atrium test voxels at weight 10 against
-  120,000-140,000 labelled only); both take that back but did not raise test Dice, so both are off.
+  122,000-131,000 labelled only); both take that back but did not raise test Dice, so both are off.
 - ``uamt`` (Yu et al. 2019, uncertainty-aware mean teacher): as mean teacher, but the teacher's
   prediction is the mean of ``uncertainty_passes`` Monte-Carlo passes (input noise and dropout
   before the segmentation head), and only voxels whose predictive entropy is below a threshold

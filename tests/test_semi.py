@@ -40,6 +40,8 @@ from medunet.training.semi import (
     masked_dice_ce,
     mc_predict,
     over_heads,
+    part_bounds,
+    part_progress,
     perturb,
     predict_confidence,
     semi_settings,
@@ -117,6 +119,9 @@ def test_settings_defaults_plan_keys_and_errors():
     assert s["unlabeled_start"] is None and labelled_only_share(s) == DEFAULT_START == 0.5
     assert labelled_only_share(semi_settings({"pseudo_rounds": 3}, "pseudo")) == 0.25
     assert labelled_only_share(semi_settings({"unlabeled_start": 0}, "cps")) == 0.0
+    assert s["restart"] is False
+    with pytest.raises(InputError, match="restart = 1 is not true or false"):
+        semi_settings({"restart": 1})
 
 
 def test_plan_override_checks_semi_keys(data):
@@ -540,6 +545,43 @@ def test_unlabelled_patches_join_after_the_labelled_only_start(plan):
         progress[0] = share
         batch = mode.draw()
         assert mode.pseudo_round == want and len(batch) == (2 if want == 0 else 4), share
+
+
+def test_part_bounds_and_the_progress_within_a_part():
+    """The labelled-only part, then the rest or pseudo's equal rounds; no labelled-only part
+    when unlabelled patches join from the first step."""
+    assert part_bounds(semi_settings(None)) == [0.0, 0.5, 1.0]
+    assert part_bounds(semi_settings({"unlabeled_start": 0.0})) == [0.0, 1.0]
+    assert part_bounds(semi_settings({"unlabeled_start": 0.4, "pseudo_rounds": 3}, "pseudo")) == \
+        pytest.approx([0.0, 0.4, 0.6, 0.8, 1.0])
+    bounds = [0.0, 0.4, 0.6, 0.8, 1.0]
+    for progress, want in ((0.0, 0.0), (0.2, 0.5), (0.4, 0.0), (0.4 - 1e-10, 0.0), (0.5, 0.5),
+                           (0.79, 0.95), (0.9, 0.5), (1.0, 1.0)):
+        assert part_progress(progress, bounds) == pytest.approx(want, abs=1e-6), progress
+
+
+@pytest.mark.parametrize("restart", [False, True])
+def test_restart_runs_the_schedule_once_per_part(data, tmp_path, restart):
+    """4 epochs of 2 steps, unlabelled patches from half the run: with ``restart`` the last step
+    of each half (progress 3/8 and 7/8) is 3/4 into its own cosine and logs the same learning
+    rate; without it the second is lower, further along the one schedule of the run."""
+    from medunet.training.schedule import cosine_with_warmup
+
+    out = tmp_path / "m"
+    train(data, out, epochs=4, overrides={**TINY, "training.semi.restart": restart}, unlabeled=True,
+          semi="mean-teacher", **FP32)
+    plan = Plan.load(out)
+    lr, min_lr, warm = (float(plan.training[k]) for k in ("lr", "min_lr", "warmup_fraction"))
+    rows = (out / "log.csv").read_text().splitlines()
+    col = rows[0].split(",").index("lr")
+    logged = [float(r.split(",")[col]) for r in rows[1:]]
+    if restart:
+        assert logged[1] == pytest.approx(cosine_with_warmup(0.75, lr, min_lr, warm))
+        assert logged[3] == pytest.approx(logged[1])
+    else:
+        assert logged[1] == pytest.approx(cosine_with_warmup(3 / 8, lr, min_lr, warm))
+        assert logged[3] == pytest.approx(cosine_with_warmup(7 / 8, lr, min_lr, warm))
+        assert logged[3] < logged[1]
 
 
 def test_pseudo_labels_of_a_whole_case(plan):

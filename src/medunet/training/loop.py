@@ -135,6 +135,11 @@ class Mode(ABC):
         """Put the trained networks in training mode before an epoch's steps."""
         self.net.train()
 
+    def schedule_progress(self, progress: float) -> float:
+        """Where the learning-rate schedule stands at the run's ``progress``: the same share
+        unless the mode runs its own cycles (semi-supervised ``restart``)."""
+        return progress
+
     @abstractmethod
     def draw(self) -> Any:
         """One batch, on the training device."""
@@ -394,7 +399,7 @@ class Loop:
             t0 = self.clock()
             batch = self.mode.draw()
             t1 = self.clock()
-            self._lr = learning_rate(self.plan.training, self.progress())
+            self._lr = learning_rate(self.plan.training, self.mode.schedule_progress(self.progress()))
             named = self.mode.step(batch, self._lr)
             self._check_finite(named["loss"])
             t2 = self.clock()

@@ -64,6 +64,7 @@ trained this way predicts, exports and serves like any other.
 
 from __future__ import annotations
 
+import bisect
 import copy
 import difflib
 import math
@@ -132,6 +133,10 @@ SEMI_DEFAULTS: dict = {
     # mean-teacher / uamt: the teacher's probabilities sharpened to p^(1/T) / sum (1: as they are);
     # a student that learns soft targets becomes unsure near borders itself
     "temperature": 1.0,
+    # each part of the run (the labelled-only part, then the rest or each pseudo-label round) runs
+    # the plan's learning-rate schedule on its own: a part ends annealed, so a round's frozen model
+    # is a settled one rather than one taken mid-schedule at a high learning rate
+    "restart": False,
 }
 MIXES = ("none", "cutmix")
 IGNORE = 255  # pseudo-label value of a voxel that is not a target
@@ -174,9 +179,10 @@ def semi_settings(given: dict | None, method: str | None = None,
 
     number("unlabeled_ratio", 0, 16, lo_open=True)
     number("unlabeled_patch", 0, 1, lo_open=True)
-    if not isinstance(s["unlabeled_on_top"], bool):
-        raise InputError(f"training.semi.unlabeled_on_top = {s['unlabeled_on_top']!r} is not true or false",
-                         "plan.json", "use true or false")
+    for key in ("unlabeled_on_top", "restart"):
+        if not isinstance(s[key], bool):
+            raise InputError(f"training.semi.{key} = {s[key]!r} is not true or false", "plan.json",
+                             "use true or false")
     if s["method"] == "bcp" and s["unlabeled_patch"] < 1:
         raise InputError("bcp pastes boxes between labelled and unlabelled patches of one size", "plan.json",
                          "use training.semi.unlabeled_patch = 1 with --semi bcp")
@@ -238,6 +244,22 @@ def labelled_only_share(settings: dict) -> float:
     if settings["method"] == "pseudo":
         return 1.0 / (int(settings["pseudo_rounds"]) + 1)
     return DEFAULT_START
+
+
+def part_bounds(settings: dict) -> list[float]:
+    """Where the parts of a run begin and end, as shares of it: the labelled-only part (when
+    there is one), then the rest, which ``pseudo`` splits into ``pseudo_rounds`` equal rounds."""
+    start = labelled_only_share(settings)
+    rounds = int(settings["pseudo_rounds"]) if settings["method"] == "pseudo" else 1
+    rest = [start + (1.0 - start) * k / rounds for k in range(rounds + 1)]
+    return ([0.0] if start > 0 else []) + rest
+
+
+def part_progress(progress: float, bounds: Sequence[float]) -> float:
+    """``progress`` as a share of the part of ``bounds`` it falls in (a part begins within
+    1e-9 before its bound, as :meth:`SemiMode._labelled_only` counts it)."""
+    i = min(max(bisect.bisect_right(bounds, progress + 1e-9) - 1, 0), len(bounds) - 2)
+    return (progress - bounds[i]) / (bounds[i + 1] - bounds[i])
 
 
 def sigmoid_ramp(progress: float, ramp_up: float) -> float:
@@ -568,6 +590,10 @@ class SemiMode(SupervisedMode):
     def start(self) -> float:
         """The share of the run before unlabelled patches join (:func:`labelled_only_share`)."""
         return labelled_only_share(self.s)
+
+    def schedule_progress(self, progress: float) -> float:
+        """With ``restart`` the schedule runs once per part of the run (:func:`part_bounds`)."""
+        return part_progress(progress, part_bounds(self.s)) if self.s["restart"] else progress
 
     def _labelled_only(self) -> bool:
         """Before :attr:`start` (to within float error of the progress): labelled patches alone."""

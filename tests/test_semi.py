@@ -204,6 +204,30 @@ def _inner(shape: tuple[int, ...], patch: list[int]) -> tuple[slice, ...]:
     return tuple(slice(a, a + n) for a, n in zip(pad, shape, strict=True))
 
 
+def test_pseudo_targets_with_flips_average_the_mirrored_predictions(plan):
+    """``pseudo_tta`` flip: the largest of the probabilities averaged over the 4 mirrorings of
+    a 2D case, each predicted on its own and mirrored back (one window: the case is the patch)."""
+    from medunet.inference.network import sliding_window_inference
+
+    torch.manual_seed(3)
+    net = plan.build_network().eval()
+    image = np.random.default_rng(5).normal(size=(1, *plan.patch_size)).astype(np.float32)
+    probs = []
+    for axes in ((), (0,), (1,), (0, 1)):
+        flipped = torch.from_numpy(np.flip(image, [1 + a for a in axes]).copy())
+        p = sliding_window_inference(net, flipped, plan.patch_size, plan.num_classes, precision="fp32",
+                                     device=torch.device("cpu"))
+        probs.append(torch.flip(p, [1 + a for a in axes]) if axes else p)
+    want_conf, want_label = torch.stack(probs).mean(0).max(0)
+    conf, label = predict_confidence(net, image, plan, torch.device("cpu"), "fp32", tta="flip")
+    np.testing.assert_allclose(conf.astype(np.float32), want_conf.numpy(), atol=1e-3)
+    assert np.array_equal(label, want_label.numpy())
+    plain, _ = predict_confidence(net, image, plan, torch.device("cpu"), "fp32")
+    assert not np.allclose(plain, conf, atol=1e-3)  # the mirrorings do change the result
+    with pytest.raises(InputError, match="pseudo_tta = 'full' is not 'none' or 'flip'"):
+        semi_settings({"pseudo_tta": "full"}, "pseudo")
+
+
 def test_only_voxels_above_the_threshold_become_pseudo_labels():
     probs = torch.tensor([[0.95, 0.05], [0.5, 0.5], [0.1, 0.9], [0.02, 0.98], [0.89, 0.11]])
     probs = probs.T.reshape(2, 1, 5, 1)  # (K, B, H, W): a batch of one, like its labels (B, H, W)

@@ -79,7 +79,9 @@ from torch import nn
 
 from medunet.augment import augment_batch
 from medunet.errors import InputError
+from medunet.inference.backends import TorchBackend
 from medunet.inference.network import sliding_window_inference
+from medunet.inference.tta import tta_transforms, window_predictor
 from medunet.runtime import memory_format
 from medunet.training.loop import SupervisedMode
 from medunet.training.losses import downsample_target, one_hot
@@ -125,6 +127,7 @@ SEMI_DEFAULTS: dict = {
     # pseudo: each class also keeps this share of its predicted voxels (its most confident; 0: off)
     "pseudo_class_share": 0.0,
     "pseudo_rounds": 2,  # pseudo: rounds after the labelled-only first part
+    "pseudo_tta": "none",  # pseudo: "flip" predicts the targets with every mirroring averaged
     "bcp_box": 2 / 3,  # BCP and cutmix: edge of the pasted box as a share of the patch edge
     "mix": "none",  # mean-teacher / uamt: "cutmix" mixes two unlabelled patches for the student
     # mean-teacher / uamt: the consistency counts only voxels whose teacher probability of its
@@ -196,6 +199,9 @@ def semi_settings(given: dict | None, method: str | None = None,
     if s["mix"] != "none" and s["method"] not in ("mean-teacher", "uamt"):
         raise InputError(f"training.semi.mix = {s['mix']!r} is for mean-teacher and uamt, not {s['method']}",
                          "plan.json", "use training.semi.mix = 'none' with this method")
+    if s["pseudo_tta"] not in ("none", "flip"):
+        raise InputError(f"training.semi.pseudo_tta = {s['pseudo_tta']!r} is not 'none' or 'flip'",
+                         "plan.json", "use 'none' or 'flip'")
     number("confidence", 0, 1, hi_open=True)
     number("temperature", 0, 1, lo_open=True)
     for key, off in (("confidence", 0), ("temperature", 1)):
@@ -318,13 +324,15 @@ def class_thresholds(confidence: Sequence[np.ndarray], label: Sequence[np.ndarra
 
 
 def predict_confidence(net: nn.Module, image: np.ndarray, plan, device: torch.device,
-                       precision: str) -> tuple[np.ndarray, np.ndarray]:
+                       precision: str, tta: str = "none") -> tuple[np.ndarray, np.ndarray]:
     """One preprocessed case ``(C, *S)`` -> the largest probability and its class (uint8) per
     voxel, from the network's whole-case prediction (sliding window at the plan's patch, as
-    validation scores a case). float16 probabilities (steps of 5e-4 near 1) halve what a round
-    holds for all unlabelled cases until the class thresholds are known."""
+    validation scores a case; ``tta`` ``flip`` averages every mirroring, as prediction does).
+    float16 probabilities (steps of 5e-4 near 1) halve what a round holds for all unlabelled
+    cases until the class thresholds are known."""
+    predictor = window_predictor([TorchBackend(net.eval(), device, precision)], tta_transforms(tta, plan.dim))
     probs = sliding_window_inference(
-        net.eval(), torch.from_numpy(np.array(image, dtype=np.float32)), plan.patch_size, plan.num_classes,
+        predictor, torch.from_numpy(np.array(image, dtype=np.float32)), plan.patch_size, plan.num_classes,
         overlap=plan.inference.get("overlap", 0.5), batch_size=plan.batch_size, precision=precision,
         device=device)
     conf, label = probs.max(0)
@@ -725,7 +733,8 @@ class SemiMode(SupervisedMode):
         """The unlabelled cases with the frozen model's targets, sampled like labelled cases."""
         cases = self.unlabeled.cases
         with torch.inference_mode():
-            preds = [predict_confidence(self.pseudo_net, img, self.plan, self.device, self.precision)
+            preds = [predict_confidence(self.pseudo_net, img, self.plan, self.device, self.precision,
+                                        self.s["pseudo_tta"])
                      for img in cases]
         self.pseudo_thresholds = class_thresholds([c for c, _ in preds], [m for _, m in preds],
                                                   self.plan.num_classes, float(self.s["pseudo_threshold"]),
@@ -884,6 +893,10 @@ def semi_reason(settings: dict, n_unlabeled: int, source: str) -> str:
         if s["pseudo_class_share"] > 0:
             text += (f", lowered per class to keep its {100 * s['pseudo_class_share']:g}% most confident "
                      "voxels (class-balanced)")
+        if s["pseudo_tta"] == "flip":
+            text += ", targets predicted with every mirroring averaged"
+    if s["restart"]:
+        text += "; the learning-rate schedule runs once per part of the run (restart)"
     if s["method"] == DEFAULT_METHOD:
         text += " (the default method: bench/semisup.py's best semi-supervised run at 8 labels)"
     return text

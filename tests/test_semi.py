@@ -737,12 +737,13 @@ def test_3d_through_the_same_code(tmp_path, method):
 # resume
 
 
-@pytest.mark.parametrize("method", [*METHODS, "mean-teacher+start0", "mean-teacher+cutmix"])
+@pytest.mark.parametrize("method", [*METHODS, "mean-teacher+start0", "mean-teacher+cutmix", "pseudo+restart"])
 def test_an_interrupted_run_resumes_to_the_same_state(data, tmp_path, method, monkeypatch):
     """Stopped right after epoch 1's checkpoint, the same call with ``resume`` ends with the
     networks, EMA/teacher, second network, frozen pseudo-label model and counters of a run never
     interrupted (with deep supervision: every method's losses on every head). By default the
-    unlabelled patches join half-way, after the resume; ``+start0``: from the first step."""
+    unlabelled patches join half-way, after the resume; ``+start0``: from the first step;
+    ``+restart``: the learning rate restarts with the round."""
     import medunet.training.loop as loop
 
     # validation every epoch whatever its time share, so the counters compare exactly
@@ -752,6 +753,9 @@ def test_an_interrupted_run_resumes_to_the_same_state(data, tmp_path, method, mo
     if method.endswith("+cutmix"):  # from the first step, so the mixed patches run after the resume
         method = method.removesuffix("+cutmix")
         ov = {**ov, "training.semi.unlabeled_start": 0.0, "training.semi.mix": "cutmix"}
+    if method.endswith("+restart"):  # a learning-rate cycle per part, targets predicted with flips
+        method = method.removesuffix("+restart")
+        ov = {**ov, "training.semi.restart": True, "training.semi.pseudo_tta": "flip"}
     kw = {"epochs": 3, "overrides": ov, "unlabeled": True, "semi": method, **FP32}
     train(data, tmp_path / "a", **kw)
     save = loop.Loop.save

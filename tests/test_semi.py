@@ -102,7 +102,7 @@ def test_settings_defaults_plan_keys_and_errors():
     assert s["mix"] == "none" and semi_settings({"mix": "cutmix"}, "uamt")["mix"] == "cutmix"
     with pytest.raises(InputError, match="mix = 'mixup' is not one of none, cutmix"):
         semi_settings({"mix": "mixup"})
-    with pytest.raises(InputError, match="is for mean-teacher and uamt, not cps"):
+    with pytest.raises(InputError, match="is for mean-teacher, uamt and pseudo, not cps"):
         semi_settings({"mix": "cutmix"}, "cps")
     assert s["confidence"] == 0.0 and semi_settings({"confidence": 0.9}, "uamt")["confidence"] == 0.9
     with pytest.raises(InputError, match="confidence = 1 is out of range"):
@@ -411,6 +411,35 @@ def test_confidence_keeps_the_consistency_to_voxels_the_teacher_is_sure_of(plan,
     if temperature != 1:  # not the loss against the unsharpened probabilities
         plain = ((torch.softmax(student_u[0].float(), 1) - probs) ** 2).sum(1)
         assert float(plain[mask].mean()) != pytest.approx(float(sq[mask].mean()), rel=1e-3)
+
+
+def test_pseudo_cutmix_mixes_image_and_target_by_the_same_box(plan, monkeypatch):
+    """``pseudo`` with ``mix = "cutmix"``: each unlabelled slot is two pseudo-labelled patches,
+    the second inside a box and the first outside, for the image and its targets alike."""
+    import medunet.training.semi as semi
+
+    monkeypatch.setattr(semi, "augment_batch", lambda x, y, cfg, gen: (x, y))  # the mix alone
+    mode = _mode(plan, "pseudo", mix="cutmix", unlabeled_start=0.0)
+    n_u = mode.unlabeled.batch_size
+    shape = tuple(plan.patch_size)
+
+    class Pairs:  # first draw: image 1 with target 1 everywhere; second: image -1 with target 0
+        calls = 0
+
+        def sample(self):
+            Pairs.calls += 1
+            value = 1.0 if Pairs.calls == 1 else -1.0
+            target = np.full((n_u, *shape), int(value > 0), np.uint8)
+            return np.full((n_u, 1, *shape), value, np.float32), target
+
+    mode.pseudo_sampler = Pairs()
+    state = mode.semi_gen.get_state()
+    u, yu = mode._pseudo_patches()
+    mode.semi_gen.set_state(state)
+    box = box_mask(n_u, shape, float(mode.s["bcp_box"]), mode.semi_gen)
+    assert u.shape == (n_u, 1, *shape) and Pairs.calls == 2
+    assert torch.equal(yu, (~box).long()) and torch.equal(u[:, 0], torch.where(box, -1.0, 1.0))
+    assert 0 < box.float().mean() < 1
 
 
 def test_sharpen_by_hand():
@@ -737,13 +766,14 @@ def test_3d_through_the_same_code(tmp_path, method):
 # resume
 
 
-@pytest.mark.parametrize("method", [*METHODS, "mean-teacher+start0", "mean-teacher+cutmix", "pseudo+restart"])
+@pytest.mark.parametrize("method", [*METHODS, "mean-teacher+start0", "mean-teacher+cutmix", "pseudo+st"])
 def test_an_interrupted_run_resumes_to_the_same_state(data, tmp_path, method, monkeypatch):
     """Stopped right after epoch 1's checkpoint, the same call with ``resume`` ends with the
     networks, EMA/teacher, second network, frozen pseudo-label model and counters of a run never
     interrupted (with deep supervision: every method's losses on every head). By default the
     unlabelled patches join half-way, after the resume; ``+start0``: from the first step;
-    ``+restart``: the learning rate restarts with the round."""
+    ``+st``: the learning rate restarts with the round, whose targets are predicted with flips
+    and whose patches are mixed in pairs."""
     import medunet.training.loop as loop
 
     # validation every epoch whatever its time share, so the counters compare exactly
@@ -753,9 +783,10 @@ def test_an_interrupted_run_resumes_to_the_same_state(data, tmp_path, method, mo
     if method.endswith("+cutmix"):  # from the first step, so the mixed patches run after the resume
         method = method.removesuffix("+cutmix")
         ov = {**ov, "training.semi.unlabeled_start": 0.0, "training.semi.mix": "cutmix"}
-    if method.endswith("+restart"):  # a learning-rate cycle per part, targets predicted with flips
-        method = method.removesuffix("+restart")
-        ov = {**ov, "training.semi.restart": True, "training.semi.pseudo_tta": "flip"}
+    if method.endswith("+st"):  # a learning-rate cycle per part, targets predicted with flips, cutmix
+        method = method.removesuffix("+st")
+        ov = {**ov, "training.semi.restart": True, "training.semi.pseudo_tta": "flip",
+              "training.semi.mix": "cutmix"}
     kw = {"epochs": 3, "overrides": ov, "unlabeled": True, "semi": method, **FP32}
     train(data, tmp_path / "a", **kw)
     save = loop.Loop.save

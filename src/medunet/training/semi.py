@@ -56,6 +56,16 @@ Methods (``training.semi.method``):
   (the labelled-only part has no targets to weigh). One prediction pass per round replaces a teacher
   forward per step, so a step costs what a supervised one does, and whole-case predictions
   have none of the errors a network makes at the borders of a lone patch.
+  ``pseudo_tta = "flip"`` predicts the targets with every mirroring averaged, as prediction
+  with ``--tta flip`` does (the whole round's prediction is still a small share of a budget).
+  ``mix = "cutmix"`` gives the student pairs of pseudo-labelled patches mixed by a box, image
+  and targets alike (ST++, Yang et al. 2022: self-training needs strong augmentation of the
+  pseudo-labelled images).
+
+With ``restart`` each part of the run (the labelled-only part, then the rest or each
+pseudo-label round) runs the plan's learning-rate schedule on its own. Under one decaying
+schedule a model frozen at a round's start was taken at a high learning rate, before it had
+settled; with a restart it has annealed, and the next part starts over at the plan's rate.
 
 The served network (checkpoint key ``model`` / ``ema_model``) is the student, or the teacher
 (EMA) for the teacher methods and the first network's EMA for ``cps``: a model directory
@@ -129,7 +139,7 @@ SEMI_DEFAULTS: dict = {
     "pseudo_rounds": 2,  # pseudo: rounds after the labelled-only first part
     "pseudo_tta": "none",  # pseudo: "flip" predicts the targets with every mirroring averaged
     "bcp_box": 2 / 3,  # BCP and cutmix: edge of the pasted box as a share of the patch edge
-    "mix": "none",  # mean-teacher / uamt: "cutmix" mixes two unlabelled patches for the student
+    "mix": "none",  # mean-teacher / uamt / pseudo: "cutmix" mixes two unlabelled patches for the student
     # mean-teacher / uamt: the consistency counts only voxels whose teacher probability of its
     # most likely class is at least this (0: every voxel)
     "confidence": 0.0,
@@ -196,9 +206,9 @@ def semi_settings(given: dict | None, method: str | None = None,
     if s["mix"] not in MIXES:
         raise InputError(f"training.semi.mix = {s['mix']!r} is not one of {', '.join(MIXES)}", "plan.json",
                          f"use {' or '.join(repr(m) for m in MIXES)}")
-    if s["mix"] != "none" and s["method"] not in ("mean-teacher", "uamt"):
-        raise InputError(f"training.semi.mix = {s['mix']!r} is for mean-teacher and uamt, not {s['method']}",
-                         "plan.json", "use training.semi.mix = 'none' with this method")
+    if s["mix"] != "none" and s["method"] not in ("mean-teacher", "uamt", "pseudo"):
+        raise InputError(f"training.semi.mix = {s['mix']!r} is for mean-teacher, uamt and pseudo, "
+                         f"not {s['method']}", "plan.json", "use training.semi.mix = 'none' with this method")
     if s["pseudo_tta"] not in ("none", "flip"):
         raise InputError(f"training.semi.pseudo_tta = {s['pseudo_tta']!r} is not 'none' or 'flip'",
                          "plan.json", "use 'none' or 'flip'")
@@ -630,7 +640,8 @@ class SemiMode(SupervisedMode):
         if self.method == "bcp":
             return self._bcp(x, y, u, w)
         box = None
-        if self._mixing:  # u: two patches per slot, the second fills the box, the first the rest
+        # u: two patches per slot, the second fills the box, the first the rest (pseudo: mixed in draw)
+        if self._mixing and self.method != "pseudo":
             half = u.shape[0] // 2
             box = box_mask(half, u.shape[2:], float(self.s["bcp_box"]), self.semi_gen, u.device)
             mixed = copy_paste(u[:half], u[half:], box).contiguous(memory_format=memory_format(self.plan.dim))
@@ -708,11 +719,20 @@ class SemiMode(SupervisedMode):
         return _total(sup, unsup, w)
 
     def _pseudo_patches(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``pseudo``: unlabelled patches with this round's targets, augmented together."""
+        """``pseudo``: unlabelled patches with this round's targets, augmented together. With
+        ``mix = "cutmix"`` each is a pair of them mixed by a box, image and target alike (the
+        strong augmentation of pseudo-labelled images that ST++ found self-training needs)."""
         u, yu = self.pseudo_sampler.sample()
+        if self._mixing:
+            u2, yu2 = self.pseudo_sampler.sample()
+            u, yu = np.concatenate([u, u2]), np.concatenate([yu, yu2])
         ut = torch.from_numpy(u).to(self.device, non_blocking=True)
         yt = torch.from_numpy(yu).to(self.device, non_blocking=True)
         ut, yt = augment_batch(ut, yt, self.plan.training.get("augment"), self.aug_gen)
+        if self._mixing:  # the second of each pair fills the box, the first the rest
+            half = ut.shape[0] // 2
+            box = box_mask(half, ut.shape[2:], float(self.s["bcp_box"]), self.semi_gen, ut.device)
+            ut, yt = copy_paste(ut[:half], ut[half:], box), copy_paste(yt[:half], yt[half:], box)
         return ut.contiguous(memory_format=memory_format(self.plan.dim)), yt.long()
 
     def _enter_round(self) -> None:

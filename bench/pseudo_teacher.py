@@ -49,6 +49,7 @@ def score(run: Path, data: Path, work: Path) -> dict:
     from medunet.inference import Predictor
 
     model = run / "model"
+    row: dict = {"run": str(run), "pseudo_round": teacher_dir(model, work / "teacher")}
     split = json.loads((model / "splits.json").read_text())
     unlabeled = set(split["unlabeled"]["cases"])
     dataset = find_dataset(data)
@@ -60,7 +61,6 @@ def score(run: Path, data: Path, work: Path) -> dict:
         for path in case.image_paths:
             (images / path.name).symlink_to(path.resolve())
         (labels / case.label_path.name).symlink_to(case.label_path.resolve())
-    row: dict = {"run": str(run), "pseudo_round": teacher_dir(model, work / "teacher")}
     predictor = Predictor.load(work / "teacher")
     keys = ("dice", "sensitivity", "precision", "hd95")
     for name, source, truth in (("test", data / "imagesTs", data / "labelsTs"),

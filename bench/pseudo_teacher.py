@@ -5,10 +5,11 @@
 
 RUN is a run directory of ``bench/semisup.py --method pseudo`` (``RUN/model``). The model its last
 round froze (``checkpoint_last.pt``'s ``pseudo_model``, the one that made that round's targets)
-predicts the test images and the run's unlabelled cases (no TTA), scored by the independent
-evaluator ``../shared/peers/seg_eval.py`` against ``labelsTs`` and against the labels the benchmark
-withheld from the unlabelled cases (``labelsTr``): how good the targets were, and whether the
-student (the run's own ``predictions_seg_eval.json``) ended above or below the model that taught it.
+predicts the test images and the run's unlabelled cases (with the round's ``pseudo_tta``), scored
+by the independent evaluator ``../shared/peers/seg_eval.py`` against ``labelsTs`` and against the
+labels the benchmark withheld from the unlabelled cases (``labelsTr``): how good the targets were,
+and whether the student (the run's own ``predictions_seg_eval.json``) ended above or below the
+model that taught it.
 """
 
 from __future__ import annotations
@@ -62,11 +63,14 @@ def score(run: Path, data: Path, work: Path) -> dict:
             (images / path.name).symlink_to(path.resolve())
         (labels / case.label_path.name).symlink_to(case.label_path.resolve())
     predictor = Predictor.load(work / "teacher")
+    # the round's own targets: with every mirroring averaged when the run set pseudo_tta
+    semi = json.loads((model / "plan.json").read_text())["training"]["semi"]
+    row["tta"] = tta = semi.get("pseudo_tta", "none")
     keys = ("dice", "sensitivity", "precision", "hd95")
     for name, source, truth in (("test", data / "imagesTs", data / "labelsTs"),
                                 ("unlabeled", images, labels)):
         preds = work / f"teacher_{name}"
-        predictor.predict(source, preds, progress=False, tta="none")
+        predictor.predict(source, preds, progress=False, tta=tta)
         scored = peer_eval(preds, truth)
         row[f"teacher_{name}"] = {k: scored["mean"][k] for k in keys} | {"cases": scored["n_cases"]}
     student = run / "predictions_seg_eval.json"

@@ -226,6 +226,8 @@ def test_pseudo_targets_with_flips_average_the_mirrored_predictions(plan):
     assert not np.allclose(plain, conf, atol=1e-3)  # the mirrorings do change the result
     with pytest.raises(InputError, match="pseudo_tta = 'full' is not 'none' or 'flip'"):
         semi_settings({"pseudo_tta": "full"}, "pseudo")
+    with pytest.raises(InputError, match="pseudo_tta is for pseudo, not mean-teacher"):
+        semi_settings({"pseudo_tta": "flip"})
 
 
 def test_only_voxels_above_the_threshold_become_pseudo_labels():

@@ -212,6 +212,9 @@ def semi_settings(given: dict | None, method: str | None = None,
     if s["pseudo_tta"] not in ("none", "flip"):
         raise InputError(f"training.semi.pseudo_tta = {s['pseudo_tta']!r} is not 'none' or 'flip'",
                          "plan.json", "use 'none' or 'flip'")
+    if s["pseudo_tta"] != "none" and s["method"] != "pseudo":
+        raise InputError(f"training.semi.pseudo_tta is for pseudo, not {s['method']}", "plan.json",
+                         "use training.semi.pseudo_tta = 'none' with this method")
     number("confidence", 0, 1, hi_open=True)
     number("temperature", 0, 1, lo_open=True)
     for key, off in (("confidence", 0), ("temperature", 1)):

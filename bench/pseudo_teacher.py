@@ -48,6 +48,7 @@ def score(run: Path, data: Path, work: Path) -> dict:
     """The frozen model's mean test and unlabelled-case metrics, next to the student's test ones."""
     from medunet.datasets import find_dataset
     from medunet.inference import Predictor
+    from medunet.planning import Plan
 
     model = run / "model"
     row: dict = {"run": str(run), "pseudo_round": teacher_dir(model, work / "teacher")}
@@ -64,8 +65,7 @@ def score(run: Path, data: Path, work: Path) -> dict:
         (labels / case.label_path.name).symlink_to(case.label_path.resolve())
     predictor = Predictor.load(work / "teacher")
     # the round's own targets: with every mirroring averaged when the run set pseudo_tta
-    semi = json.loads((model / "plan.json").read_text())["training"]["semi"]
-    row["tta"] = tta = semi.get("pseudo_tta", "none")
+    row["tta"] = tta = Plan.load(model).training["semi"].get("pseudo_tta", "none")
     keys = ("dice", "sensitivity", "precision", "hd95")
     for name, source, truth in (("test", data / "imagesTs", data / "labelsTs"),
                                 ("unlabeled", images, labels)):

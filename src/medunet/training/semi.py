@@ -274,10 +274,15 @@ def part_bounds(settings: dict) -> list[float]:
     return ([0.0] if start > 0 else []) + rest
 
 
+def part_index(progress: float, bounds: Sequence[float]) -> int:
+    """Which part of ``bounds`` ``progress`` falls in (a part begins within 1e-9 before its
+    bound, as :meth:`SemiMode._labelled_only` counts it; the last part runs on past 1)."""
+    return min(max(bisect.bisect_right(bounds, progress + 1e-9) - 1, 0), len(bounds) - 2)
+
+
 def part_progress(progress: float, bounds: Sequence[float]) -> float:
-    """``progress`` as a share of the part of ``bounds`` it falls in (a part begins within
-    1e-9 before its bound, as :meth:`SemiMode._labelled_only` counts it)."""
-    i = min(max(bisect.bisect_right(bounds, progress + 1e-9) - 1, 0), len(bounds) - 2)
+    """``progress`` as a share of the part of ``bounds`` it falls in."""
+    i = part_index(progress, bounds)
     return (progress - bounds[i]) / (bounds[i + 1] - bounds[i])
 
 
@@ -742,9 +747,8 @@ class SemiMode(SupervisedMode):
         """Entering a pseudo-label round (the run's share done says which) freezes the current
         (EMA) model and predicts the round's targets with it; a resumed round predicts them
         again with its restored frozen model."""
-        rounds, start = int(self.s["pseudo_rounds"]), self.start
-        done = (self.progress() - start) / (1.0 - start)
-        now = 0 if self._labelled_only() else min(rounds, 1 + int(math.floor(done * rounds + 1e-9)))
+        # the parts restart's schedule follows: the labelled-only part (when there is one), then the rounds
+        now = part_index(self.progress(), part_bounds(self.s)) + (0 if self.start > 0 else 1)
         if now > self.pseudo_round or (now and self.pseudo_net is None):
             self.pseudo_round = now
             self.pseudo_net = _frozen(self.eval_net)

@@ -122,6 +122,12 @@ def test_settings_defaults_plan_keys_and_errors():
     assert s["restart"] is False
     with pytest.raises(InputError, match="restart = 1 is not true or false"):
         semi_settings({"restart": 1})
+    assert s["restart_lr"] == 1.0 and semi_settings({"restart": True, "restart_lr": 0.3})["restart_lr"] == 0.3
+    for bad in (0, 1.5):
+        with pytest.raises(InputError, match="restart_lr = .* is out of range"):
+            semi_settings({"restart": True, "restart_lr": bad})
+    with pytest.raises(InputError, match="restart_lr is for runs with training.semi.restart = true"):
+        semi_settings({"restart_lr": 0.3})
 
 
 def test_plan_override_checks_semi_keys(data):
@@ -615,16 +621,19 @@ def test_part_bounds_and_the_progress_within_a_part():
         assert part_progress(progress, bounds) == pytest.approx(want, abs=1e-6), progress
 
 
-@pytest.mark.parametrize("restart", [False, True])
-def test_restart_runs_the_schedule_once_per_part(data, tmp_path, restart):
+@pytest.mark.parametrize("restart,restart_lr", [(False, 1.0), (True, 1.0), (True, 0.25)])
+def test_restart_runs_the_schedule_once_per_part(data, tmp_path, restart, restart_lr):
     """4 epochs of 2 steps, unlabelled patches from half the run: with ``restart`` the last step
     of each half (progress 3/8 and 7/8) is 3/4 into its own cosine and logs the same learning
-    rate; without it the second is lower, further along the one schedule of the run."""
+    rate, or ``restart_lr`` x the first half's peak's cosine in the second half; without it the
+    second is lower, further along the one schedule of the run."""
     from medunet.training.schedule import cosine_with_warmup
 
     out = tmp_path / "m"
-    train(data, out, epochs=4, overrides={**TINY, "training.semi.restart": restart}, unlabeled=True,
-          semi="mean-teacher", **FP32)
+    ov = {**TINY, "training.semi.restart": restart}
+    if restart_lr != 1:
+        ov["training.semi.restart_lr"] = restart_lr
+    train(data, out, epochs=4, overrides=ov, unlabeled=True, semi="mean-teacher", **FP32)
     plan = Plan.load(out)
     lr, min_lr, warm = (float(plan.training[k]) for k in ("lr", "min_lr", "warmup_fraction"))
     rows = (out / "log.csv").read_text().splitlines()
@@ -632,7 +641,7 @@ def test_restart_runs_the_schedule_once_per_part(data, tmp_path, restart):
     logged = [float(r.split(",")[col]) for r in rows[1:]]
     if restart:
         assert logged[1] == pytest.approx(cosine_with_warmup(0.75, lr, min_lr, warm))
-        assert logged[3] == pytest.approx(logged[1])
+        assert logged[3] == pytest.approx(cosine_with_warmup(0.75, restart_lr * lr, min_lr, warm))
     else:
         assert logged[1] == pytest.approx(cosine_with_warmup(3 / 8, lr, min_lr, warm))
         assert logged[3] == pytest.approx(cosine_with_warmup(7 / 8, lr, min_lr, warm))

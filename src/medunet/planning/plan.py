@@ -270,8 +270,8 @@ TYPED_SECTIONS: dict[str, frozenset[str]] = {
     "training.semi": frozenset({
         "bcp_box", "confidence", "consistency", "dropout", "ema_decay", "method", "mix", "noise",
         "pseudo_class_share", "pseudo_rounds", "pseudo_threshold", "pseudo_tta", "ramp_up", "restart",
-        "temperature", "uncertainty_passes", "unlabeled_on_top", "unlabeled_patch", "unlabeled_ratio",
-        "unlabeled_start"}),
+        "restart_lr", "temperature", "uncertainty_passes", "unlabeled_on_top", "unlabeled_patch",
+        "unlabeled_ratio", "unlabeled_start"}),
     # average, window_weights, pad, mirror_axes: how imported nnU-Net models predict (nnunet/)
     "inference": frozenset({"average", "mirror_axes", "overlap", "pad", "postprocessing", "sigma_scale",
                             "tta", "tta_choice", "window_weights"}),

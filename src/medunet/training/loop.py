@@ -135,10 +135,10 @@ class Mode(ABC):
         """Put the trained networks in training mode before an epoch's steps."""
         self.net.train()
 
-    def schedule_progress(self, progress: float) -> float:
-        """Where the learning-rate schedule stands at the run's ``progress``: the same share
+    def lr_at(self, training: dict, progress: float) -> float:
+        """The learning rate at the run's ``progress``: the plan's schedule over the whole run,
         unless the mode runs its own cycles (semi-supervised ``restart``)."""
-        return progress
+        return learning_rate(training, progress)
 
     @abstractmethod
     def draw(self) -> Any:
@@ -399,7 +399,7 @@ class Loop:
             t0 = self.clock()
             batch = self.mode.draw()
             t1 = self.clock()
-            self._lr = learning_rate(self.plan.training, self.mode.schedule_progress(self.progress()))
+            self._lr = self.mode.lr_at(self.plan.training, self.progress())
             named = self.mode.step(batch, self._lr)
             self._check_finite(named["loss"])
             t2 = self.clock()

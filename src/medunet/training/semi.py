@@ -65,7 +65,9 @@ Methods (``training.semi.method``):
 With ``restart`` each part of the run (the labelled-only part, then the rest or each
 pseudo-label round) runs the plan's learning-rate schedule on its own. Under one decaying
 schedule a model frozen at a round's start was taken at a high learning rate, before it had
-settled; with a restart it has annealed, and the next part starts over at the plan's rate.
+settled; with a restart it has annealed, and the next part starts over at the plan's rate, or
+at ``restart_lr`` of it: the later parts fine-tune a trained network rather than train one from
+scratch, and at the plan's rate validation Dice fell to 0 for a few hundred steps after each restart.
 
 The served network (checkpoint key ``model`` / ``ema_model``) is the student, or the teacher
 (EMA) for the teacher methods and the first network's EMA for ``cps``: a model directory
@@ -96,6 +98,7 @@ from medunet.runtime import memory_format
 from medunet.training.loop import SupervisedMode
 from medunet.training.losses import downsample_target, one_hot
 from medunet.training.sampler import PatchSampler
+from medunet.training.schedule import learning_rate
 
 METHODS = ("mean-teacher", "uamt", "cps", "bcp", "pseudo")
 # Measured by bench/semisup.py (Left Atrium, 8 and 16 labels, 30-minute CPU budget; BENCHMARKS.md):
@@ -150,6 +153,10 @@ SEMI_DEFAULTS: dict = {
     # the plan's learning-rate schedule on its own: a part ends annealed, so a round's frozen model
     # is a settled one rather than one taken mid-schedule at a high learning rate
     "restart": False,
+    # with restart, the peak learning rate of every part after the first as a share of the plan's:
+    # those parts start from a trained network, which the plan's from-scratch rate throws out of
+    # its minimum (validation Dice fell to 0 for 600 steps after a restart at 1)
+    "restart_lr": 1.0,
 }
 MIXES = ("none", "cutmix")
 IGNORE = 255  # pseudo-label value of a voxel that is not a target
@@ -215,6 +222,10 @@ def semi_settings(given: dict | None, method: str | None = None,
     if s["pseudo_tta"] != "none" and s["method"] != "pseudo":
         raise InputError(f"training.semi.pseudo_tta is for pseudo, not {s['method']}", "plan.json",
                          "use training.semi.pseudo_tta = 'none' with this method")
+    number("restart_lr", 0, 1, lo_open=True)
+    if s["restart_lr"] != 1 and not s["restart"]:
+        raise InputError("training.semi.restart_lr is for runs with training.semi.restart = true",
+                         "plan.json", "set training.semi.restart = true, or leave restart_lr at 1")
     number("confidence", 0, 1, hi_open=True)
     number("temperature", 0, 1, lo_open=True)
     for key, off in (("confidence", 0), ("temperature", 1)):
@@ -617,9 +628,15 @@ class SemiMode(SupervisedMode):
         """The share of the run before unlabelled patches join (:func:`labelled_only_share`)."""
         return labelled_only_share(self.s)
 
-    def schedule_progress(self, progress: float) -> float:
-        """With ``restart`` the schedule runs once per part of the run (:func:`part_bounds`)."""
-        return part_progress(progress, part_bounds(self.s)) if self.s["restart"] else progress
+    def lr_at(self, training: dict, progress: float) -> float:
+        """With ``restart`` the schedule runs once per part of the run (:func:`part_bounds`),
+        every part after the first from ``restart_lr`` x the plan's peak."""
+        if not self.s["restart"]:
+            return super().lr_at(training, progress)
+        bounds = part_bounds(self.s)
+        share = float(self.s["restart_lr"]) if part_index(progress, bounds) > 0 else 1.0
+        peak = share * float(training["lr"])
+        return learning_rate({**training, "lr": peak}, part_progress(progress, bounds))
 
     def _labelled_only(self) -> bool:
         """Before :attr:`start` (to within float error of the progress): labelled patches alone."""
@@ -924,6 +941,8 @@ def semi_reason(settings: dict, n_unlabeled: int, source: str) -> str:
             text += ", targets predicted with every mirroring averaged"
     if s["restart"]:
         text += "; the learning-rate schedule runs once per part of the run (restart)"
+        if s["restart_lr"] != 1:
+            text += f", every part after the first from {s['restart_lr']:g} of the plan's rate"
     if s["method"] == DEFAULT_METHOD:
         text += " (the default method: bench/semisup.py's best semi-supervised run at 8 labels)"
     return text

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from medunet.errors import InputError
-from medunet.training.loop import Loop, Mode, ValidationSet
+from medunet.training.loop import Loop, Mode, ValidationSet, validate_patience
 
 
 class Clock:
@@ -138,6 +138,35 @@ def test_early_stopping_counts_only_after_patience_after(tmp_path):
     # the patience counts from epoch 5 (progress 0.5) and ends the run after epoch 6
     assert loop.state.stopped_early and loop.state.epoch == 6
     assert loop.state.best_dice == pytest.approx(0.9)  # the best weights, kept: better on every case
+
+
+@pytest.mark.parametrize("smoothing,stops_after", [(1.0, 5), (0.3, None)])
+def test_early_stopping_watches_the_smoothed_score(tmp_path, smoothing, stops_after):
+    """A lucky 0.9 at epoch 2 of a run that then climbs from 0.60 by 0.02 per validation: the
+    raw scores stay below it for three validations (patience 3) and end the run after epoch 5;
+    smoothed with weight 0.3 (0.5, 0.62, 0.614, 0.6158, 0.6231, 0.6342, ...) the bar is 0.62,
+    passed at epoch 5, and the run trains all 8 epochs."""
+    clock = Clock()
+    plan = _plan(patience=3, patience_after=0.0, epochs=8, patience_smoothing=smoothing)
+    scores = [0.5, 0.9, 0.6, 0.62, 0.64, 0.66, 0.68, 0.70]
+    loop = _loop(tmp_path, clock, scores + [0.7], plan=plan)
+    loop.run("test", progress=False)
+    assert loop.state.stopped_early == (stops_after is not None)
+    assert loop.state.epoch == (stops_after or 8)
+    if stops_after is None:
+        want = 0.5
+        for s in scores[1:]:
+            want = 0.7 * want + 0.3 * s
+        assert loop.state.smoothed_dice == pytest.approx(want) == pytest.approx(loop.state.best_smoothed)
+        assert loop.state.stale_epochs == 0
+
+
+def test_patience_smoothing_out_of_range_is_refused():
+    validate_patience({})  # plans written before the field: the raw scores
+    validate_patience({"patience_smoothing": 1})
+    for bad in (0, 1.5, True, "0.3"):
+        with pytest.raises(InputError, match="training.patience_smoothing = .* is out of range"):
+            validate_patience({"patience_smoothing": bad})
 
 
 def test_budget_stops_before_overrunning(tmp_path):

@@ -174,7 +174,7 @@ def train(
     lr: float | None = typer.Option(None, help="peak learning rate"),
     ema: float | None = typer.Option(None, help="EMA decay of the weights (0 turns it off)"),
     patience: int | None = typer.Option(None, help="early stopping: epochs without a better "
-                                        "validation Dice (0 turns it off)"),
+                                        "smoothed validation Dice (0 turns it off)"),
     tensorboard: bool = typer.Option(False, help="also write TensorBoard events to MODEL/tensorboard"),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the training network"),
     config: str = typer.Option("auto", help=CONFIG_HELP),

@@ -234,8 +234,10 @@ def value_reasons(training: dict, inference: dict) -> dict[str, str]:
             text += (f"; EMA of the weights ({t['ema']:g}, folded in "
                      + ("every step" if every == 1 else f"every {every} steps") + ") is validated and saved")
         if t.get("patience"):
-            text += (f"; early stop after {t['patience']} validations without a better Dice once "
-                     f"{100 * t.get('patience_after', 0):g}% of the run is done")
+            w = t.get("patience_smoothing", 1)
+            text += (f"; early stop after {t['patience']} validations without a better "
+                     + ("Dice" if w == 1 else f"smoothed Dice (newest weighted {w:g})")
+                     + f" once {100 * t.get('patience_after', 0):g}% of the run is done")
         if "fg_oversample" in t:
             text += f"; {100 * t['fg_oversample']:.0f}% of patches centred on foreground"
         out["training"] = text
@@ -264,8 +266,9 @@ TYPED_SECTIONS: dict[str, frozenset[str]] = {
     "training": frozenset({
         "augment", "ema", "ema_every", "epochs", "fg_oversample", "grad_clip", "iterations_per_epoch",
         "loss", "loss_options", "lr", "min_delta", "min_lr", "momentum", "optimizer", "patience",
-        "patience_after", "poly_exponent", "schedule", "semi", "step_gamma", "step_milestones",
-        "val_fraction", "val_min_cases", "val_time_share", "warmup_fraction", "weight_decay"}),
+        "patience_after", "patience_smoothing", "poly_exponent", "schedule", "semi", "step_gamma",
+        "step_milestones", "val_fraction", "val_min_cases", "val_time_share", "warmup_fraction",
+        "weight_decay"}),
     # semi-supervised training (written when it is used; defaults in medunet.training.semi.SEMI_DEFAULTS)
     "training.semi": frozenset({
         "bcp_box", "confidence", "consistency", "dropout", "ema_decay", "method", "mix", "noise",
@@ -670,6 +673,7 @@ def default_training(dim: int, patch: Sequence[int]) -> dict:
         "ema_every": 4,
         "patience": 15,
         "patience_after": 0.5,
+        "patience_smoothing": 0.3,
         "min_delta": 0.0,
         "iterations_per_epoch": 100,
         "epochs": 50,

@@ -31,7 +31,7 @@ from medunet.preprocessing.cache import preprocess_dataset
 from medunet.runtime import float_mode_kept, flush_denormals, memory_format, resolve_device, resolve_precision
 from medunet.training.callbacks import write_json
 from medunet.training.cascade import train_cascade, wants_cascade
-from medunet.training.loop import Loop, SupervisedMode, ValidationSet, parse_duration
+from medunet.training.loop import Loop, SupervisedMode, ValidationSet, parse_duration, validate_patience
 from medunet.training.losses import build_loss
 from medunet.training.optim import ModelEMA, build_optimizer, validate_ema
 from medunet.training.sampler import PatchSampler
@@ -299,6 +299,7 @@ def _train(data: str | Path, parent: Path, run_dir: Path, fold: int | str | None
     validate_augmentation(plan.training.get("augment"))  # a bad --set fails before data loads
     if plan.training.get("ema"):
         validate_ema(plan.training["ema"], plan.training.get("ema_every", 1))
+    validate_patience(plan.training)
 
     def prepare() -> tuple[dict, tuple]:
         if dist.main:
